@@ -1,0 +1,61 @@
+"""Shared helpers: logging setup, params loading, seeding and small path utilities."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class PipelineError(RuntimeError):
+    """A problem with the user's input or setup; its message says what and how to fix it."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure logging once, for the stage's entry point (library code only logs)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read params.yaml; only stage entry points call this."""
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def run_main(fn) -> None:
+    """Run a stage's body: configure logging and turn PipelineError into one clear line and exit 1."""
+    setup_logging()
+    # Keep third-party offline noise out of the way: these are set before any lazy import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        fn()
+    except PipelineError as e:
+        logging.getLogger("pipeline").error("%s", e)
+        sys.exit(1)
+
+
+def slide_group(img_name: str) -> str:
+    """The slide/patient id of an NIH cell name (the part before `_IMG`); other names are their own group."""
+    stem = Path(img_name).stem
+    return stem.split("_IMG")[0] if "_IMG" in stem else stem
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
