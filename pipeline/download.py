@@ -32,8 +32,13 @@ def kaggle_credentials_present() -> bool:
         return True
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return True
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    return (config_dir / "access_token").is_file() or (config_dir / "kaggle.json").is_file()
+    # The client reads access tokens (and OAuth credentials) from ~/.kaggle whatever KAGGLE_CONFIG_DIR says, and
+    # kaggle.json from KAGGLE_CONFIG_DIR, else ~/.kaggle, else (on Linux, when ~/.kaggle is absent) the XDG folder.
+    home = Path.home() / ".kaggle"
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or (
+        home if home.exists() else Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"))
+    files = [home / "access_token", home / "access_token.txt", home / "credentials.json", config_dir / "kaggle.json"]
+    return any(f.is_file() for f in files)
 
 
 def kaggle_api():
@@ -51,6 +56,9 @@ def kaggle_api():
         raise PipelineError(f"Kaggle authentication failed ({e}). {CREDENTIALS_HELP}") from None
     except ImportError as e:
         raise PipelineError(f"The kaggle package is not importable ({e}); run `pip install -r requirements.txt`.")
+    except Exception as e:  # an access token is checked online, so network errors can surface here
+        raise PipelineError(f"Kaggle authentication failed: {type(e).__name__}: {e}. Check the network. "
+                            f"{OFFLINE_HINT}") from None
     return api
 
 

@@ -47,10 +47,11 @@ def read_labels(csv: Path, *, hidden: bool) -> pd.DataFrame:
     if dup.any():
         raise PipelineError(f"{csv}: duplicate img_name at lines {rows(dup)}; each image must be listed once.")
     if not hidden:
-        bad = ~df["label"].isin([0, 1])
+        label = pd.to_numeric(df["label"], errors="coerce")  # one typo must not make every "0" a string
+        bad = ~label.isin([0, 1])
         if bad.any():
             raise PipelineError(f"{csv}: labels must be 0 or 1; bad values at lines {rows(bad)}.")
-        df["label"] = df["label"].astype(int)
+        df["label"] = label.astype(int)
     return df[["img_name", "label"]]
 
 

@@ -1,0 +1,172 @@
+"""The one training loop (teachers and student) and the one prediction function (OOF, test, hidden, TTA)."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.dataset import CellDataset
+from pipeline.metrics import binary_metrics
+from pipeline.tta import apply_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    patience: int = 3
+    select_best: bool = True   # keep the best validation epoch; the student keeps its last (no held-out data)
+    seed: int = 0
+    num_workers: int = 1
+    device: str = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA GPU is visible; use `auto` or `cpu`.")
+    return torch.device(name)
+
+
+def setup_device(device: torch.device, num_workers: int) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    else:
+        # Leave a core to the augmentation workers when there are any.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - min(num_workers, 1)))
+
+
+def autocast(device: torch.device):
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); full precision on CPU."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), (torch.amp.GradScaler() if dtype == torch.float16 else None)
+
+
+def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > cfg.batch_size,
+                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=g)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device,
+            views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict") -> np.ndarray:
+    """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches."""
+    model.eval()
+    amp, _ = autocast(device)
+    out = []
+    for x, _ in tqdm(loader(ds, cfg, device, shuffle=False), desc=desc, leave=False, unit="batch", disable=None):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with amp:
+            probs = [F.softmax(model(apply_view(x, v, crop_scale)).float(), 1)[:, 1] for v in views]
+        out.append(torch.stack(probs, 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, val_labels: np.ndarray | None,
+        loss_fn: Callable, cfg: TrainConfig, out_dir: Path, live=None, save: Callable | None = None) -> dict:
+    """Train with AdamW, warmup+cosine, EMA, clipping and early stopping; resume from out_dir/last.pt.
+
+    `save(model, epoch, metrics)` writes the kept checkpoint; returns the kept epoch's metrics."""
+    device = resolve_device(cfg.device)
+    setup_device(device, cfg.num_workers)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, len(loader(train_ds, cfg, device, shuffle=True)))
+    sched = CosineLRScheduler(opt, t_initial=cfg.epochs * steps, lr_min=cfg.lr * 0.01, warmup_t=int(cfg.warmup_epochs * steps),
+                              warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    amp, scaler = autocast(device)
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False}
+    last = out_dir / "last.pt"
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        if ck["config"] == asdict(cfg):
+            model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+            torch.set_rng_state(ck["rng"])
+            state = ck["state"]
+            log.info("Resuming from %s after epoch %d", last, state["epoch"])
+        else:
+            log.info("Ignoring %s: it was trained with other params", last)
+    if state["done"]:
+        log.info("Already finished (kept epoch %d); not retraining", state["best_epoch"])
+        return state["best"]
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        model.train()
+        train_ds.epoch = epoch  # per-epoch augmentation seeds, copied into fresh workers each epoch
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        for step, (x, y) in enumerate(tqdm(loader(train_ds, cfg, device, shuffle=True, epoch=epoch),
+                                           desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with amp:
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt) if scaler else opt.step()
+            if scaler:
+                scaler.update()
+            sched.step_update((epoch - 1) * steps + step + 1)
+            ema.update(model, step=(epoch - 1) * steps + step)
+            seen, total = seen + len(x), total + loss.item() * len(x)
+        metrics = {"train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": seen / (time.perf_counter() - t0)}
+        if val_ds is not None:
+            p = predict(ema.module, val_ds, cfg, device, desc="validate")[:, 0]
+            metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})
+        improved = state["best"] is None or not cfg.select_best or _better(metrics, state["best"])
+        log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                 " *" if improved else "")
+        if live is not None:
+            for k, v in metrics.items():
+                live.log_metric(k, v)
+            live.next_step()
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        if improved:
+            state["best"], state["best_epoch"] = {**metrics, "epoch": epoch}, epoch
+            if save:
+                save(ema.module, epoch, state["best"])
+        state["epoch"] = epoch
+        state["done"] = epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience)
+        torch.save({"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
+                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
+        if state["done"]:
+            break
+    return state["best"]
+
+
+def _better(new: dict, best: dict) -> bool:
+    """Higher validation AUC, then lower log loss, wins (AUC saturates quickly on easy folds)."""
+    a, b = new.get("val_roc_auc", math.nan), best.get("val_roc_auc", math.nan)
+    if not math.isclose(a, b, abs_tol=1e-6):
+        return a > b
+    return new["val_log_loss"] < best["val_log_loss"]

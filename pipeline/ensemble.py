@@ -1,0 +1,123 @@
+"""Stage `ensemble`: gather each backbone's folds, blend the backbones on OOF, score everything on OOF and test."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from pipeline.common import PipelineError, load_params, run_main
+from pipeline.metrics import best_threshold, binary_metrics
+
+log = logging.getLogger(__name__)
+SPLITS = ("oof", "test", "hidden")
+
+
+def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per split, a table with img_name (and label) and a `<backbone>` / `<backbone>_tta` column per backbone.
+
+    OOF comes from the fold that held each image out; test/hidden are averaged over the fold models."""
+    names = {"oof": folds[["img_name", "label", "fold"]],
+             "test": index.loc[index["split"] == "test", ["img_name", "label"]],
+             "hidden": index.loc[index["split"] == "hidden", ["img_name"]]}
+    out = {s: t.reset_index(drop=True).copy() for s, t in names.items()}
+    n_folds = folds["fold"].nunique()
+    for b in backbones:
+        for split in SPLITS:
+            files = [models / b / f"fold{k}" / f"{split}.csv" for k in range(n_folds)]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise PipelineError(f"{b}: missing {', '.join(missing)}; train every fold "
+                                    f"(train.folds must list 0..{n_folds - 1}) with `dvc repro`.")
+            parts = [pd.read_csv(f, dtype={"img_name": str}) for f in files]
+            if split == "oof":
+                p = pd.concat(parts).set_index("img_name")
+                if p.index.duplicated().any() or set(p.index) != set(out[split]["img_name"]):
+                    raise PipelineError(f"{b}: the OOF files do not cover each training image exactly once; "
+                                        "re-run its train stages (`dvc repro -f train@...`).")
+            else:
+                p = pd.concat(parts).groupby("img_name")[["prob", "prob_tta"]].mean()
+            out[split][b] = out[split]["img_name"].map(p["prob"]).to_numpy()
+            out[split][f"{b}_tta"] = out[split]["img_name"].map(p["prob_tta"]).to_numpy()
+    return out
+
+
+def fit_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 (a softmax of free parameters) minimising the blend's log loss."""
+    logit = np.log(np.clip(P, 1e-6, 1 - 1e-6) / np.clip(1 - P, 1e-6, 1))
+
+    def loss(z):
+        p = 1 / (1 + np.exp(-(logit @ softmax(z))))
+        return -np.mean(y * np.log(p + 1e-9) + (1 - y) * np.log(1 - p + 1e-9))
+
+    return softmax(minimize(loss, np.zeros(P.shape[1]), method="Nelder-Mead").x)
+
+
+def blend(P: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted mean in logit space (a geometric blend; equal weights give the logit mean)."""
+    logit = np.log(np.clip(P, 1e-6, 1 - 1e-6) / np.clip(1 - P, 1e-6, 1))
+    return 1 / (1 + np.exp(-(logit @ w)))
+
+
+def choose_blend(P: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[str, np.ndarray, dict]:
+    """Equal weights vs fitted weights, compared honestly: fitted weights are scored on folds they did not see."""
+    equal = np.full(P.shape[1], 1 / P.shape[1])
+    nested = np.zeros(len(y))
+    for k in np.unique(fold):
+        nested[fold == k] = blend(P[fold == k], fit_weights(P[fold != k], y[fold != k]))
+    scores = {"mean": binary_metrics(y, blend(P, equal))["log_loss"], "weighted": binary_metrics(y, nested)["log_loss"]}
+    method = min(scores, key=scores.get)
+    return method, equal if method == "mean" else fit_weights(P, y), scores
+
+
+def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backbones: list[str]) -> dict:
+    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
+    index = pd.read_csv(index_csv, dtype={"img_name": str})
+    tables = gather(models, backbones, folds, index)
+    oof, y, fold = tables["oof"], tables["oof"]["label"].to_numpy(int), tables["oof"]["fold"].to_numpy()
+    report = {"blend": {}, "metrics": {}}
+    for suffix in ("", "_tta"):
+        cols = [b + suffix for b in backbones]
+        method, w, scores = choose_blend(oof[cols].to_numpy(), y, fold)
+        for t in tables.values():
+            t["ensemble" + suffix] = blend(t[cols].to_numpy(), w)
+        thr = best_threshold(y, oof["ensemble" + suffix])
+        report["blend"]["ensemble" + suffix] = {"method": method, "weights": dict(zip(backbones, w.round(4).tolist())),
+                                               "cv_log_loss": scores, "threshold": thr}
+        log.info("ensemble%s: %s blend (CV log loss %s), weights %s, threshold %.3f", suffix, method,
+                 {k: round(v, 4) for k, v in scores.items()}, np.round(w, 3).tolist(), thr)
+    test = tables["test"]
+    for model in [*backbones, "ensemble"]:
+        for suffix in ("", "_tta"):
+            name = model + suffix
+            thr = report["blend"][name]["threshold"] if model == "ensemble" else 0.5
+            report["metrics"][name] = {"cv": binary_metrics(y, oof[name], thr),
+                                       "test": binary_metrics(test["label"], test[name], thr), "threshold": thr}
+            m = report["metrics"][name]
+            log.info("%-24s CV acc %.4f AUC %.4f | test acc %.4f AUC %.4f", name, m["cv"]["accuracy"],
+                     m["cv"]["roc_auc"], m["test"]["accuracy"], m["test"]["roc_auc"])
+    out.mkdir(parents=True, exist_ok=True)
+    for split, t in tables.items():
+        t.to_csv(out / f"{split}.csv", index=False, float_format="%.6f")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", required=True, help="folder of the train stages' <backbone>/fold<k>/ outputs")
+    parser.add_argument("--folds", required=True)
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    backbones = load_params()["train"]["backbones"]
+    ensemble(Path(args.models), Path(args.folds), Path(args.index), Path(args.out), backbones=backbones)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,86 @@
+"""Build timm backbones (with pretrained weights from the hub or a local file) and rebuild them from checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import timm
+import torch
+
+from pipeline.common import PipelineError
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 2  # softmax over {uninfected, parasitized}: distillation's temperature acts on these logits
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def local_weights(arch: str, weights_dir: str | Path | None) -> Path | None:
+    """A weights file for `arch` in weights_dir: <arch>.safetensors/.pth/.pt/.bin or <arch>/model.safetensors."""
+    if not weights_dir:
+        return None
+    d = Path(weights_dir)
+    candidates = [d / f"{arch}{s}" for s in WEIGHT_SUFFIXES] + [d / arch / f"model{s}" for s in WEIGHT_SUFFIXES]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers; timm would otherwise retry for ~47 s before failing offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path | None = None,
+                 drop_rate: float = 0.0) -> torch.nn.Module:
+    """A timm model with a 2-class head; pretrained weights come from weights_dir if there, else the hub."""
+    if arch not in timm.list_models(pretrained=False):
+        raise PipelineError(f"Unknown timm backbone {arch!r} in params.yaml; see `timm.list_models('resnet*')`.")
+    kwargs = dict(num_classes=NUM_CLASSES, drop_rate=drop_rate)
+    if pretrained:
+        file = local_weights(arch, weights_dir)
+        if file is not None:
+            log.info("%s: pretrained weights from %s", arch, file)
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
+        elif not hub_reachable():
+            raise PipelineError(
+                f"train.pretrained is true but no weights for {arch} were found in train.weights_dir "
+                f"({weights_dir}) and the Hugging Face hub cannot be reached. Either put the weights file there as "
+                f"{arch}.safetensors (or .pth/.bin; e.g. downloaded on a machine with internet with "
+                f"`timm.create_model('{arch}', pretrained=True)` and saved), or set `train.pretrained: false`.")
+        else:
+            log.info("%s: pretrained weights from the Hugging Face hub", arch)
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as e:
+        raise PipelineError(f"Loading pretrained weights for {arch} failed: {e}. Check the file in "
+                            f"train.weights_dir or set `train.pretrained: false`.") from None
+
+
+def data_config(model: torch.nn.Module) -> dict:
+    """Mean/std the backbone was pretrained with (timm's pretrained config), used to normalise its inputs."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, *, arch: str, params: dict, epoch: int,
+                    metric: dict, extra: dict | None = None) -> None:
+    """A self-describing checkpoint: everything inference needs to rebuild the model."""
+    torch.save({"arch": arch, "params": params, "epoch": epoch, "metric": metric,
+                "data_config": data_config(model), "state_dict": model.state_dict(), **(extra or {})}, path)
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a checkpoint written by save_checkpoint; returns (model in eval mode, checkpoint)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"Checkpoint {path} is missing: run the stage that makes it (`dvc repro`).")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = create_model(ckpt["arch"], pretrained=False)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt

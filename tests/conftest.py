@@ -1,0 +1,78 @@
+"""Shared fixtures: the real NIH samples in ../shared/data and tiny synthetic datasets to corrupt."""
+from __future__ import annotations
+
+import os
+
+# Keep third-party libraries offline and quiet; set before anything imports them.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PREPARED_SIZE = 32  # img_size for the shared prepared samples: small keeps the session fast
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout (real NIH cell images; never copied into the repo)."""
+    path = (REPO.parent / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip(f"../shared/data not found: expected the real NIH samples in {path}")
+    return path
+
+
+@dataclass
+class Prepared:
+    """One sample after download + prepare: the raw folder, the prepared folder and what prepare wrote."""
+    raw: Path
+    out: Path
+    df: pd.DataFrame  # what prepare() returned
+    index: pd.DataFrame  # index.csv as read back
+    images: np.ndarray  # images.npy
+    img_size: int
+
+
+def run_download_prepare(src: Path, work: Path, *, img_size: int = PREPARED_SIZE, holdout: float = 0.15,
+                         seed: int = 42) -> Prepared:
+    """download(source='local') then prepare(), as the DVC stages run them."""
+    from pipeline.download import download
+    from pipeline.prepare import prepare
+
+    raw, out = work / "raw", work / "prepared"
+    download(raw, source="local", path=str(src), competition="", dataset="", synthetic={}, seed=seed)
+    df = prepare(raw, out, img_size=img_size, holdout_fraction=holdout, seed=seed)
+    return Prepared(raw, out, df, pd.read_csv(out / "index.csv"), np.load(out / "images.npy"), img_size)
+
+
+@pytest.fixture(scope="session")
+def nndl_prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """The competition-layout sample (nested zips), extracted and prepared once per session (~5 s)."""
+    zip_path = shared_data / "nndl-hw2-sample.zip"
+    if not zip_path.is_file():
+        pytest.skip(f"../shared/data not found: {zip_path} is missing")
+    return run_download_prepare(zip_path, tmp_path_factory.mktemp("nndl"))
+
+
+@pytest.fixture
+def make_competition(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a tiny synthetic competition-layout dataset (train/, test/, hidden_test/ + CSVs) to corrupt.
+
+    Returns the raw folder; call it again with another `name` for a second, independent copy.
+    """
+    from pipeline.synthetic import make_synthetic
+
+    def make(name: str = "raw", *, n_train: int = 12, n_test: int = 6, n_hidden: int = 6, seed: int = 0,
+             n_slides: int = 6) -> Path:
+        root = tmp_path / name
+        make_synthetic(root, n_train=n_train, n_test=n_test, n_hidden=n_hidden, seed=seed, n_slides=n_slides,
+                       min_size=24, max_size=40)
+        return root
+
+    return make
