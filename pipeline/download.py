@@ -123,6 +123,8 @@ def fetch_local(out: Path, path: str) -> None:
 
 def download(out: Path, *, source: str, path: str, competition: str, dataset: str, synthetic: dict,
              seed: int) -> None:
+    if source not in ("kaggle", "local", "synthetic"):
+        raise PipelineError(f"data.source is {source!r}; use one of: kaggle, local, synthetic.")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -130,13 +132,11 @@ def download(out: Path, *, source: str, path: str, competition: str, dataset: st
         download_kaggle(out, competition, dataset)
     elif source == "local":
         fetch_local(out, path)
-    elif source == "synthetic":
+    else:
         from pipeline.synthetic import make_synthetic
 
         make_synthetic(out, n_train=synthetic["n_train"], n_test=synthetic["n_test"],
                        n_hidden=synthetic["n_hidden"], seed=seed)
-    else:
-        raise PipelineError(f"data.source is {source!r}; use one of: kaggle, local, synthetic.")
     n = sum(1 for p in out.rglob("*") if p.is_file())
     log.info("Raw data in %s: %d files", out, n)
 

@@ -37,7 +37,7 @@ def find_dir(root: Path, name: str) -> Path | None:
 def read_labels(csv: Path, *, hidden: bool) -> pd.DataFrame:
     """Read an `img_name,label` CSV, failing with the file and rows on any problem."""
     try:
-        df = pd.read_csv(csv, dtype={"img_name": str})
+        df = pd.read_csv(csv, dtype={"img_name": str}, encoding="utf-8-sig")  # Excel writes a BOM
     except Exception as e:
         raise PipelineError(f"{csv}: cannot be read as CSV ({e}).") from None
     if not {"img_name", "label"} <= set(df.columns):

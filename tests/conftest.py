@@ -52,6 +52,12 @@ def run_download_prepare(src: Path, work: Path, *, img_size: int = PREPARED_SIZE
 
 
 @pytest.fixture(scope="session")
+def download_prepare() -> Callable[..., Prepared]:
+    """run_download_prepare, for tests (importing from conftest breaks if tests/ becomes a package)."""
+    return run_download_prepare
+
+
+@pytest.fixture(scope="session")
 def nndl_prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     """The competition-layout sample (nested zips), extracted and prepared once per session (~5 s)."""
     zip_path = shared_data / "nndl-hw2-sample.zip"

@@ -6,17 +6,20 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import Prepared, run_download_prepare
 from pipeline.common import PipelineError
 from pipeline.download import download
 from pipeline.folds import make_folds
 from pipeline.prepare import prepare
+
+if TYPE_CHECKING:
+    from conftest import Prepared
 
 SMALL = 16  # img_size for the tiny synthetic sets
 
@@ -168,8 +171,8 @@ def test_folds_bad_group_by(nndl_prepared: Prepared) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cell_prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
-    return run_download_prepare(shared_data / "cell_images-sample.zip", tmp_path_factory.mktemp("cells"),
+def cell_prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory, download_prepare) -> Prepared:
+    return download_prepare(shared_data / "cell_images-sample.zip", tmp_path_factory.mktemp("cells"),
                                 holdout=0.15)
 
 
@@ -207,16 +210,16 @@ def test_public_layout_holdout(cell_prepared: Prepared) -> None:
     assert np.array_equal(cell_prepared.images[hidden.index], cell_prepared.images[test.index[t]])
 
 
-def test_public_layout_holdout_follows_param(shared_data: Path, tmp_path: Path) -> None:
+def test_public_layout_holdout_follows_param(shared_data: Path, tmp_path: Path, download_prepare) -> None:
     # Only the 16 originals: cheap enough to prepare twice.
-    a = run_download_prepare(shared_data / "originals", tmp_path / "a", holdout=0.5)
-    b = run_download_prepare(shared_data / "originals", tmp_path / "b", holdout=0.15)
+    a = download_prepare(shared_data / "originals", tmp_path / "a", holdout=0.5)
+    b = download_prepare(shared_data / "originals", tmp_path / "b", holdout=0.15)
     assert (a.index["split"] == "test").sum() > (b.index["split"] == "test").sum()
 
 
-def test_originals_keep_native_sizes(shared_data: Path, tmp_path: Path) -> None:
+def test_originals_keep_native_sizes(shared_data: Path, tmp_path: Path, download_prepare) -> None:
     src = shared_data / "originals"
-    p = run_download_prepare(src, tmp_path)
+    p = download_prepare(src, tmp_path)
     idx = p.index
     labelled = idx[idx["split"].isin(["train", "test"])]
     assert len(labelled) == 16 and labelled["img_name"].is_unique

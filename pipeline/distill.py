@@ -1,0 +1,119 @@
+"""Stage `distill`: train one small student on all training images against labels and the ensemble's OOF probabilities."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.common import PipelineError, load_params, run_main, seed_everything
+from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.losses import DistillLoss
+from pipeline.metrics import binary_metrics
+from pipeline.models import create_model, data_config, load_checkpoint, save_checkpoint
+from pipeline.train import derived_seed, train_config, write_predictions
+from pipeline.transforms import AugParams, build_transform
+from pipeline.tta import expand_views
+
+log = logging.getLogger(__name__)
+
+
+def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, views: list[str], crop_scale: float,
+                 aug: AugParams) -> float:
+    """Wall time per image to predict `images` with every checkpoint and view (models loaded beforehand)."""
+    device = resolve_device(cfg.device)
+    models = [load_checkpoint(c, device) for c in checkpoints]
+    start = time.perf_counter()
+    for model, ck in models:
+        ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
+        predict(model, ds, cfg, device, views, crop_scale, desc="timing")
+    return 1000 * (time.perf_counter() - start) / len(images)
+
+
+def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
+            temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
+            drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
+            params: dict) -> dict:
+    index, images = load_cache(prepared)
+    oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
+    if teacher_column not in oof:
+        raise PipelineError(f"{ensemble_dir / 'oof.csv'} has no column {teacher_column}; re-run `dvc repro ensemble`.")
+    rows = split_rows(index, "train")
+    soft = index["img_name"].iloc[rows].map(oof.set_index("img_name")[teacher_column])
+    if soft.isna().any():
+        raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
+                            f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
+    labels = index["label"].to_numpy(dtype=float)
+    seed_everything(cfg.seed)
+    model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate)
+    norm = data_config(model)
+    eval_tf = build_transform(False, aug, **norm)
+    train_ds = CellDataset(images[rows], targets(labels[rows], soft.to_numpy()), build_transform(True, aug, **norm),
+                           seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("Student %s on %d images, alpha %.2f, temperature %.1f", student, len(rows), alpha, temperature)
+
+    from dvclive import Live
+
+    ckpt = out / "checkpoint.pt"
+    with Live(dir=str(out / "live"), resume=(out / "last.pt").is_file(), dvcyaml=None, save_dvc_exp=False) as live:
+        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=student, params=params, epoch=epoch,
+                                                        metric=metric)
+        # No validation split: every training image is used, and the last epoch is kept.
+        fit(model, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing), cfg, out, live, save)
+
+    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+    test_rows = split_rows(index, "test")
+    probs = {split: write_predictions(model, images, index, split_rows(index, split), out / f"{split}.csv", cfg, views,
+                                      crop_scale, eval_tf) for split in ("test", "hidden")}
+    names = ["identity", *[v for v in views if v != "identity"]]
+    y = labels[test_rows].astype(int)
+    ens = json.loads((ensemble_dir / "metrics.json").read_text())["metrics"]
+    sample = images[test_rows[:timing_images]]
+    teachers = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
+    report = {
+        "student": {"test": binary_metrics(y, probs["test"][:, 0]),
+                    "ms_per_image": ms_per_image([ckpt], sample, cfg, ["identity"], crop_scale, aug)},
+        "student_tta": {"test": binary_metrics(y, probs["test"][:, [names.index(v) for v in views]].mean(1)),
+                        "ms_per_image": ms_per_image([ckpt], sample, cfg, views, crop_scale, aug)},
+        "ensemble": {"test": ens["ensemble"]["test"], "n_models": len(teachers),
+                     "ms_per_image": ms_per_image(teachers, sample, cfg, ["identity"], crop_scale, aug)},
+        "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
+                         "ms_per_image": ms_per_image(teachers, sample, cfg, views, crop_scale, aug)},
+    }
+    for name, r in report.items():
+        log.info("%-13s test accuracy %.4f AUC %.4f, %.2f ms/image", name, r["test"]["accuracy"], r["test"]["roc_auc"],
+                 r["ms_per_image"])
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prepared", required=True)
+    parser.add_argument("--ensemble", required=True, help="the ensemble stage's folder (oof.csv, metrics.json)")
+    parser.add_argument("--models", required=True, help="the teachers' checkpoints, for the cost comparison")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    params = load_params()
+    t, d, tta = params["train"], params["distill"], params["tta"]
+    cfg = train_config(t, derived_seed(t["seed"], "student", d["student"]), epochs=d["epochs"], select_best=False)
+    try:
+        views = expand_views(tta["views"])
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out), student=d["student"],
+            alpha=d["alpha"], temperature=d["temperature"], cfg=cfg, aug=AugParams(**params["augment"]),
+            pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,
+            crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
+            params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]})
+
+
+if __name__ == "__main__":
+    run_main(main)

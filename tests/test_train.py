@@ -1,0 +1,133 @@
+"""Training on real cells: it learns, resumes after an interruption, skips finished work, and is deterministic."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.dataset import CellDataset, load_cache, targets
+from pipeline.download import download
+from pipeline.engine import TrainConfig, fit
+from pipeline.folds import make_folds
+from pipeline.losses import LabelLoss
+from pipeline.models import create_model, data_config
+from pipeline.prepare import prepare
+from pipeline.train import train_fold
+from pipeline.transforms import AugParams, build_transform
+
+
+@pytest.fixture(scope="module")
+def real64(shared_data, tmp_path_factory) -> Path:
+    """The real competition sample, prepared at 64 px."""
+    root = tmp_path_factory.mktemp("real64")
+    download(root / "raw", source="local", path=str(shared_data / "nndl-hw2-sample.zip"), competition="",
+             dataset="", synthetic={}, seed=0)
+    prepare(root / "raw", root / "prepared", img_size=64, holdout_fraction=0.15, seed=0)
+    return root / "prepared"
+
+
+def subset_folds(prepared: Path, out: Path, n_images: int, n_folds: int = 3, seed: int = 0) -> Path:
+    """A folds CSV over the first slides' images only, so a test trains on a small, grouped subset."""
+    index = pd.read_csv(prepared / "index.csv")
+    train = index[index["split"] == "train"]
+    keep = train["group"].isin(train["group"].drop_duplicates().sample(frac=1, random_state=seed))
+    sub = train[keep].sample(frac=1, random_state=seed).head(n_images)
+    folds = make_folds(sub.assign(split="train"), n=n_folds, group_by="patient", seed=seed)
+    folds.to_csv(out, index=False)
+    return out
+
+
+def run_fold(prepared, folds_csv, out, cfg, views=("identity",)):
+    return train_fold(prepared, folds_csv, out, backbone="resnet10t", fold=0, cfg=cfg, aug=AugParams(),
+                      pretrained=False, weights_dir="", drop_rate=0.0, views=list(views), crop_scale=0.875,
+                      params={"test": True})
+
+
+def test_tiny_backbone_learns_real_cells(real64, tmp_path):
+    folds_csv = subset_folds(real64, tmp_path / "folds.csv", n_images=1500)
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=2e-3, patience=5, num_workers=1, device="cpu", seed=1)
+    best = run_fold(real64, folds_csv, tmp_path / "m", cfg)
+    curve = pd.read_csv(tmp_path / "m/live/plots/metrics/train_loss.tsv", sep="\t")["train_loss"].to_numpy()
+    assert curve[-1] < curve[0] - 0.1, f"training loss did not fall: {curve}"
+    assert best["val_accuracy"] >= 0.80, best
+    oof = pd.read_csv(tmp_path / "m/oof.csv")
+    folds = pd.read_csv(folds_csv)
+    assert sorted(oof["img_name"]) == sorted(folds.loc[folds["fold"] == 0, "img_name"])
+    assert oof["prob"].between(0, 1).all()
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """A dvclive stand-in that kills the run after n epochs, as a Ctrl-C or a lost machine would."""
+
+    def __init__(self, n):
+        self.n, self.steps = n, 0
+
+    def log_metric(self, *a, **k):
+        pass
+
+    def next_step(self):
+        self.steps += 1
+        if self.steps == self.n:
+            raise Interrupt
+
+
+class CountingLoss(LabelLoss):
+    calls = 0
+
+    def forward(self, logits, target):
+        CountingLoss.calls += 1
+        return super().forward(logits, target)
+
+
+def test_resume_after_interruption_and_skip_when_finished(real64, tmp_path, caplog):
+    index, images = load_cache(real64)
+    rows, val = np.arange(64), np.arange(64, 96)
+    labels = index["label"].to_numpy(float)
+    cfg = TrainConfig(epochs=3, batch_size=32, num_workers=0, device="cpu", seed=3, patience=10)
+
+    def datasets():
+        model = create_model("resnet10t")
+        tf = lambda train: build_transform(train, AugParams(), **data_config(model))
+        return (model, CellDataset(images[rows], targets(labels[rows]), tf(True), seed=cfg.seed),
+                CellDataset(images[val], targets(labels[val]), tf(False)))
+
+    model, tr, va = datasets()
+    with pytest.raises(Interrupt):
+        fit(model, tr, va, labels[val].astype(int), CountingLoss(), cfg, tmp_path, StopAfter(1))
+    steps_per_epoch = len(rows) // cfg.batch_size
+    assert CountingLoss.calls == steps_per_epoch
+    CountingLoss.calls = 0
+    model, tr, va = datasets()
+    with caplog.at_level(logging.INFO):
+        best = fit(model, tr, va, labels[val].astype(int), CountingLoss(), cfg, tmp_path, StopAfter(99))
+    assert "Resuming" in caplog.text and "after epoch 1" in caplog.text
+    assert CountingLoss.calls == 2 * steps_per_epoch  # epochs 2 and 3 only
+    assert best["epoch"] in (1, 2, 3)
+    CountingLoss.calls = 0
+    model, tr, va = datasets()
+    again = fit(model, tr, va, labels[val].astype(int), CountingLoss(), cfg, tmp_path, StopAfter(99))
+    assert CountingLoss.calls == 0 and again == best
+    # Other params: the old state is not reused.
+    model, tr, va = datasets()
+    fit(model, tr, va, labels[val].astype(int), CountingLoss(), replace(cfg, epochs=1), tmp_path, StopAfter(99))
+    assert CountingLoss.calls == steps_per_epoch
+
+
+def test_same_seed_gives_identical_oof(real64, tmp_path):
+    folds_csv = subset_folds(real64, tmp_path / "folds.csv", n_images=150)
+    cfg = TrainConfig(epochs=1, batch_size=32, num_workers=1, device="cpu", seed=7)
+    run_fold(real64, folds_csv, tmp_path / "a", cfg, views=("identity", "hflip"))
+    run_fold(real64, folds_csv, tmp_path / "b", cfg, views=("identity", "hflip"))
+    a, b = (pd.read_csv(tmp_path / d / "oof.csv") for d in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+    run_fold(real64, folds_csv, tmp_path / "c", replace(cfg, seed=8), views=("identity", "hflip"))
+    c = pd.read_csv(tmp_path / "c" / "oof.csv")
+    assert not np.allclose(a["prob"], c["prob"])
