@@ -16,15 +16,14 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
 
 
 def best_threshold(y, p) -> float:
-    """The accuracy-maximising threshold on (OOF) probabilities, midway between neighbouring scores."""
+    """The accuracy-maximising threshold (predict 1 where p >= t) on (OOF) probabilities.
+
+    Candidates lie between distinct scores (ties move together), below the lowest and above the highest."""
     y, p = np.asarray(y, int), np.asarray(p, float)
-    order = np.argsort(p)
-    ps, ys = p[order], y[order]
-    # Accuracy when predicting 1 for everything from position i on: negatives below + positives from i.
-    correct = np.concatenate([[0], np.cumsum(ys == 0)]) + np.concatenate([np.cumsum((ys == 1)[::-1])[::-1], [0]])
-    i = int(np.argmax(correct))
-    if i == 0:
-        return float(ps[0] / 2)
-    if i == len(ps):
-        return float((ps[-1] + 1) / 2)
-    return float((ps[i - 1] + ps[i]) / 2)
+    u = np.unique(p)
+    low = u[0] / 2 if u[0] > 0 else u[0] - 1e-6
+    high = (u[-1] + 1) / 2 if u[-1] < 1 else np.nextafter(u[-1], np.inf)
+    cand = np.concatenate([[low], (u[:-1] + u[1:]) / 2, [high]])
+    neg, pos = np.sort(p[y == 0]), np.sort(p[y == 1])
+    correct = np.searchsorted(neg, cand, "left") + len(pos) - np.searchsorted(pos, cand, "left")
+    return float(cand[int(np.argmax(correct))])

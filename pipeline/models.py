@@ -58,8 +58,10 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
             log.info("%s: pretrained weights from the Hugging Face hub", arch)
     try:
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
-    except (OSError, RuntimeError) as e:
-        raise PipelineError(f"Loading pretrained weights for {arch} failed: {e}. Check the file in "
+    except Exception as e:  # corrupt files raise torch, safetensors or timm errors of many kinds
+        if not pretrained:
+            raise
+        raise PipelineError(f"Loading pretrained weights for {arch} failed: {type(e).__name__}: {e}. Check the file in "
                             f"train.weights_dir or set `train.pretrained: false`.") from None
 
 

@@ -77,8 +77,11 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
         assert list(sub.columns) == ["img_name", "label"]
         assert sub["img_name"].tolist() == sample["img_name"].tolist()
         assert set(sub["label"].unique()) <= {0, 1}
-    for k in (0, 1):
-        assert (project / f"data/models/resnet10t/fold{k}/checkpoint.pt").is_file()
+    folds = pd.read_csv(project / "data/folds.csv")
+    for backbone in ("resnet10t", "efficientnet_b0"):
+        oof = pd.concat(pd.read_csv(project / f"data/models/{backbone}/fold{k}/oof.csv") for k in (0, 1))
+        assert sorted(oof["img_name"]) == sorted(folds["img_name"])  # every train image exactly once
+        assert len(folds) == 3000
     assert "didn't change" in dvc(project, "repro").stdout
     shown = dvc(project, "metrics", "show").stdout
     assert "data/ensemble/metrics.json" in shown
