@@ -57,12 +57,19 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
         else:
             log.info("%s: pretrained weights from the Hugging Face hub", arch)
     try:
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except Exception as e:  # corrupt files raise torch, safetensors or timm errors of many kinds
         if not pretrained:
             raise
         raise PipelineError(f"Loading pretrained weights for {arch} failed: {type(e).__name__}: {e}. Check the file in "
                             f"train.weights_dir or set `train.pretrained: false`.") from None
+    # A new 2-class head starts at zero, so every backbone starts from the uninformed loss ln 2; timm's own
+    # init for some families (EfficientNet: uniform +-1/sqrt(num_classes)) makes early logits huge.
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    return model
 
 
 def data_config(model: torch.nn.Module) -> dict:
