@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -34,8 +33,6 @@ def load_params(path: str | Path = "params.yaml") -> dict:
 def run_main(fn) -> None:
     """Run a stage's body: configure logging and turn PipelineError into one clear line and exit 1."""
     setup_logging()
-    # Keep third-party offline noise out of the way: these are set before any lazy import.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         fn()
     except PipelineError as e:

@@ -146,10 +146,6 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         improved = state["best"] is None or not cfg.select_best or _better(metrics, state["best"])
         log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
                  " *" if improved else "")
-        if live is not None:
-            for k, v in metrics.items():
-                live.log_metric(k, v)
-            live.next_step()
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         if improved:
             state["best"], state["best_epoch"] = {**metrics, "epoch": epoch}, epoch
@@ -157,8 +153,14 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
                 save(ema.module, epoch, state["best"])
         state["epoch"] = epoch
         state["done"] = epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience)
+        # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
         torch.save({"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state}, last)
+                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state}, last.with_suffix(".tmp"))
+        last.with_suffix(".tmp").replace(last)
+        if live is not None:
+            for k, v in metrics.items():
+                live.log_metric(k, v)
+            live.next_step()
         if state["done"]:
             break
     return state["best"]

@@ -81,8 +81,10 @@ def data_config(model: torch.nn.Module) -> dict:
 def save_checkpoint(path: Path, model: torch.nn.Module, *, arch: str, params: dict, epoch: int,
                     metric: dict, extra: dict | None = None) -> None:
     """A self-describing checkpoint: everything inference needs to rebuild the model."""
+    tmp = Path(path).with_suffix(".tmp")  # then rename: a kill mid-write never leaves a corrupt checkpoint
     torch.save({"arch": arch, "params": params, "epoch": epoch, "metric": metric,
-                "data_config": data_config(model), "state_dict": model.state_dict(), **(extra or {})}, path)
+                "data_config": data_config(model), "state_dict": model.state_dict(), **(extra or {})}, tmp)
+    tmp.replace(path)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
