@@ -13,7 +13,7 @@ import torch
 
 from pipeline.common import PipelineError, load_params, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.engine import TrainConfig, fit, predict, resolve_device, resumable
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
 from pipeline.models import create_model, data_config, load_checkpoint, save_checkpoint
@@ -62,7 +62,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     from dvclive import Live
 
     ckpt = out / "checkpoint.pt"
-    with Live(dir=str(out / "live"), resume=(out / "last.pt").is_file(), dvcyaml=None, save_dvc_exp=False) as live:
+    with Live(dir=str(out / "live"), resume=resumable(out, cfg), dvcyaml=None, save_dvc_exp=False) as live:
         save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=student, params=params, epoch=epoch,
                                                         metric=metric)
         # No validation split: every training image is used, and the last epoch is kept.
@@ -87,7 +87,9 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
                          "ms_per_image": ms_per_image(teachers, sample, cfg, views, crop_scale, aug)},
     }
-    for name, r in report.items():
+    report["tta_gain"] = {"student": {f"test_{k}": report["student_tta"]["test"][k] - report["student"]["test"][k]
+                                      for k in ("accuracy", "roc_auc", "log_loss")}}
+    for name, r in list(report.items())[:4]:
         log.info("%-13s test accuracy %.4f AUC %.4f, %.2f ms/image", name, r["test"]["accuracy"], r["test"]["roc_auc"],
                  r["ms_per_image"])
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

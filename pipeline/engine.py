@@ -87,6 +87,12 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
     return torch.cat(out).numpy()
 
 
+def resumable(out_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether out_dir/last.pt holds a run with these exact settings (then fit continues it)."""
+    last = out_dir / "last.pt"
+    return last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["config"] == asdict(cfg)
+
+
 def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, val_labels: np.ndarray | None,
         loss_fn: Callable, cfg: TrainConfig, out_dir: Path, live=None, save: Callable | None = None) -> dict:
     """Train with AdamW, warmup+cosine, EMA, clipping and early stopping; resume from out_dir/last.pt.
@@ -103,15 +109,14 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     amp, scaler = autocast(device)
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False}
     last = out_dir / "last.pt"
-    if last.is_file():
+    if resumable(out_dir, cfg):
         ck = torch.load(last, map_location="cpu", weights_only=False)
-        if ck["config"] == asdict(cfg):
-            model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-            torch.set_rng_state(ck["rng"])
-            state = ck["state"]
-            log.info("Resuming from %s after epoch %d", last, state["epoch"])
-        else:
-            log.info("Ignoring %s: it was trained with other params", last)
+        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"])
+        state = ck["state"]
+        log.info("Resuming from %s after epoch %d", last, state["epoch"])
+    elif last.is_file():
+        log.info("Ignoring %s: it was trained with other params", last)
     if state["done"]:
         log.info("Already finished (kept epoch %d); not retraining", state["best_epoch"])
         return state["best"]

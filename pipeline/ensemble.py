@@ -101,6 +101,10 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
             m = report["metrics"][name]
             log.info("%-24s CV acc %.4f AUC %.4f | test acc %.4f AUC %.4f", name, m["cv"]["accuracy"],
                      m["cv"]["roc_auc"], m["test"]["accuracy"], m["test"]["roc_auc"])
+    met = report["metrics"]
+    report["tta_gain"] = {model: {f"{split}_{k}": met[model + "_tta"][split][k] - met[model][split][k]
+                                  for split in ("cv", "test") for k in ("accuracy", "roc_auc", "log_loss")}
+                          for model in [*backbones, "ensemble"]}
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
         t.to_csv(out / f"{split}.csv", index=False, float_format="%.6f")

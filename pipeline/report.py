@@ -52,8 +52,8 @@ def inject_parameters(nb, parameters: dict) -> None:
     nb.cells.insert(at + 1, cell)
 
 
-def kernel_manager():
-    """A kernel on this very interpreter: CI installs no kernel spec, and a user's `python3` spec may be another env."""
+def kernel_manager_class():
+    """Kernels on this very interpreter: CI installs no kernel spec, and a user's `python3` spec may be another env."""
     from jupyter_client import AsyncKernelManager
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
@@ -62,7 +62,11 @@ def kernel_manager():
             return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                               display_name="Python 3 (pipeline)", language="python")
 
-    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
+    class ThisPythonKernel(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(kernel_spec_manager=ThisPython(), **kwargs)
+
+    return ThisPythonKernel  # a class, not an instance: nbclient then owns the kernel and shuts it down
 
 
 def first_error(nb) -> str:
@@ -84,19 +88,23 @@ def execute(notebook: Path, executed: Path, html: Path, parameters: dict, timeou
 
     nb = nbformat.read(notebook, as_version=4)
     inject_parameters(nb, parameters)
-    client = NotebookClient(nb, km=kernel_manager(), timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, kernel_manager_class=kernel_manager_class(), kernel_name="python3", timeout=timeout,
                             resources={"metadata": {"path": str(Path.cwd())}})
     executed.parent.mkdir(parents=True, exist_ok=True)
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
         nbformat.write(nb, executed)  # kept for reading the traceback; the stage fails, so DVC records nothing
+        html.unlink(missing_ok=True)  # no stale copy of an older run beside it
         where = first_error(nb) if isinstance(e, CellExecutionError) else f"{type(e).__name__}: {e}"
-        raise PipelineError(f"{notebook} failed in {where}. The partly executed notebook is {executed}.") from None
+        raise PipelineError(f"{notebook} failed in {where.rstrip('.')}. The partly executed notebook is "
+                            f"{executed}.") from None
     if (where := first_error(nb)) != "no cell has an error output":
         raise PipelineError(f"{notebook}: {where}.")
     nbformat.write(nb, executed)
-    body, _ = HTMLExporter(embed_images=True).from_notebook_node(nb, resources={"metadata": {"name": "report"}})
+    exporter = HTMLExporter(embed_images=True)
+    exporter.log.setLevel(logging.ERROR)  # not a warning per figure that outputs have no alt text
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "report"}})
     html.parent.mkdir(parents=True, exist_ok=True)
     html.write_text(body, encoding="utf-8")
     n_images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
@@ -116,8 +124,9 @@ def main() -> None:
     parser.add_argument("--submissions", required=True, help="the submit stage's folder (leaderboard.csv)")
     parser.add_argument("--params", default="params.yaml", help="the params file the run used")
     args = parser.parse_args()
-    if not args.notebook.is_file():
-        raise PipelineError(f"{args.notebook} is missing.")
+    for f in (args.notebook, Path(args.params)):
+        if not f.is_file():
+            raise PipelineError(f"{f} is missing.")
     train = load_params(args.params)["train"]
     paths = dict(prepared=args.prepared, folds=args.folds, models=args.models, ensemble=args.ensemble,
                  student=args.student, submissions=args.submissions)

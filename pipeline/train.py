@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.common import PipelineError, load_params, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.engine import TrainConfig, fit, predict, resolve_device, resumable
 from pipeline.losses import LabelLoss
 from pipeline.models import create_model, data_config, load_checkpoint, save_checkpoint
 from pipeline.transforms import AugParams, build_transform
@@ -68,8 +68,8 @@ def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fol
     from dvclive import Live  # imported late: it is slow to import and only the stage needs it
 
     ckpt = out / "checkpoint.pt"
-    resume = (out / "last.pt").is_file()
-    with Live(dir=str(out / "live"), resume=resume, dvcyaml=None, save_dvc_exp=False) as live:
+    # A fresh run starts fresh curves; a resumed or finished one keeps its (persisted) curves.
+    with Live(dir=str(out / "live"), resume=resumable(out, cfg), dvcyaml=None, save_dvc_exp=False) as live:
         save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=backbone, params=params, epoch=epoch,
                                                         metric=metric)
         best = fit(model, train_ds, val_ds, labels[va].astype(int), LabelLoss(cfg.label_smoothing), cfg, out, live, save)

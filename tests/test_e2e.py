@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from test_report import check_executed_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,6 +84,11 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
         oof = pd.concat(pd.read_csv(project / f"data/models/{backbone}/fold{k}/oof.csv") for k in (0, 1))
         assert sorted(oof["img_name"]) == sorted(folds["img_name"])  # every train image exactly once
         assert len(folds) == 3000
+    check_executed_report(project)
     assert "didn't change" in dvc(project, "repro").stdout
     shown = dvc(project, "metrics", "show").stdout
     assert "data/ensemble/metrics.json" in shown
+    # A finished (backbone, fold) forced to run again is not retrained and keeps its curves.
+    again = dvc(project, "repro", "-f", "-s", "train@resnet10t-0")
+    assert "not retraining" in again.stderr + again.stdout
+    assert (project / "data/models/resnet10t/fold0/live/plots/metrics/train_loss.tsv").is_file()

@@ -132,6 +132,7 @@ def test_checkpoint_round_trip(tmp_path):
     model.train()
     with torch.no_grad():
         model(inputs(4, seed=1))  # move the BatchNorm running statistics away from their defaults
+        torch.nn.init.normal_(model.get_classifier().weight)  # the head starts at zero: give it trained-like weights
     model.eval()
     x = inputs()
     with torch.no_grad():
