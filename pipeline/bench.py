@@ -61,7 +61,7 @@ def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, a
     index, images = load_cache(prepared)
     rows = split_rows(index, "train")[: cfg.batch_size * (n_batches + 2)]
     device = resolve_device(cfg.device)
-    setup_device(device, cfg.num_workers)
+    setup_device(device)
     model = create_model(backbone).to(device).to(memory_format=torch.channels_last)
     tf = build_transform(True, aug, **data_config(model))
     size = images.shape[1]
@@ -88,12 +88,14 @@ def main() -> None:
     parser.add_argument("what", choices=["train"])
     parser.add_argument("--backbone", help="default: the first of train.backbones")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per path")
+    parser.add_argument("--num-workers", type=int, help="default: train.num_workers")
     parser.add_argument("--prepared", default="data/prepared", type=Path)
     parser.add_argument("--raw", default="data/raw", type=Path)
     args = parser.parse_args()
     params = load_params()
     t = params["train"]
-    cfg = TrainConfig(batch_size=t["batch_size"], num_workers=t["num_workers"], device=t["device"])
+    workers = t["num_workers"] if args.num_workers is None else args.num_workers
+    cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])
     bench_train(args.prepared, args.raw, backbone=args.backbone or t["backbones"][0], cfg=cfg,
                 aug=AugParams(**params["augment"]), n_batches=args.batches)
 

@@ -50,12 +50,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup_device(device: torch.device, num_workers: int) -> None:
+def setup_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     else:
-        # Leave a core to the augmentation workers when there are any.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - min(num_workers, 1)))
+        # One thread per core: on 2 cores, reserving one for the augmentation worker measured slower
+        # (the worker needs a fraction of a core at 64 px; see `python -m pipeline.bench train`).
+        torch.set_num_threads(os.cpu_count() or 1)
 
 
 def autocast(device: torch.device):
@@ -99,7 +100,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
 
     `save(model, epoch, metrics)` writes the kept checkpoint; returns the kept epoch's metrics."""
     device = resolve_device(cfg.device)
-    setup_device(device, cfg.num_workers)
+    setup_device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(loader(train_ds, cfg, device, shuffle=True)))
