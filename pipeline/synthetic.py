@@ -98,13 +98,13 @@ def _render_cell(rng: np.random.Generator, label: int, stain: np.ndarray, min_si
         for _ in range(n_par):
             px, py = inner_point(0.75)
             if faint_single:
-                alpha = rng.uniform(0.15, 0.45) * _blob(xx, yy, px, py, rng.uniform(0.9, 1.5) * scale)
+                alpha = rng.uniform(0.2, 0.5) * _blob(xx, yy, px, py, rng.uniform(1.2, 2.0) * scale)
             elif rng.random() < 0.5:
                 # Chromatin dot of varying size and contrast.
-                alpha = rng.uniform(0.45, 0.95) * _blob(xx, yy, px, py, rng.uniform(1.3, 3.0) * scale)
+                alpha = rng.uniform(0.5, 0.95) * _blob(xx, yy, px, py, rng.uniform(1.8, 3.5) * scale)
             else:
                 # Ring-form trophozoite: thin purple annulus with a chromatin dot on it.
-                r0, t = rng.uniform(2.5, 5.0) * scale, rng.uniform(0.6, 1.1) * scale
+                r0, t = rng.uniform(3.0, 5.5) * scale, rng.uniform(0.8, 1.3) * scale
                 dist = np.sqrt((xx - px) ** 2 + (yy - py) ** 2)
                 alpha = rng.uniform(0.45, 0.85) * np.exp(-((dist - r0) ** 2) / (2.0 * t**2))
                 ang = rng.uniform(0.0, 2 * np.pi)
@@ -132,7 +132,7 @@ def make_synthetic(
     n_test: int,
     n_hidden: int,
     seed: int,
-    n_slides: int = 40,
+    n_slides: int = 60,
     min_size: int = 56,
     max_size: int = 144,
 ) -> None:
