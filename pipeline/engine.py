@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset
 from pipeline.metrics import binary_metrics
 from pipeline.tta import apply_view
@@ -46,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA GPU is visible; use `auto` or `cpu`.")
+        raise PipelineError("train.device is cuda but no CUDA GPU is visible; set train.device to auto or cpu.")
     return torch.device(name)
 
 

@@ -131,3 +131,16 @@ def test_same_seed_gives_identical_oof(real64, tmp_path):
     run_fold(real64, folds_csv, tmp_path / "c", replace(cfg, seed=8), views=("identity", "hflip"))
     c = pd.read_csv(tmp_path / "c" / "oof.csv")
     assert not np.allclose(a["prob"], c["prob"])
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error():
+    import torch
+
+    from pipeline.common import PipelineError
+    from pipeline.engine import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(PipelineError, match="train.device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
