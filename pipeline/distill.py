@@ -9,17 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline.common import PipelineError, load_params, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, fit, predict, resolve_device, resumable
+from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
-from pipeline.models import create_model, data_config, load_checkpoint, save_checkpoint
-from pipeline.train import derived_seed, train_config, write_predictions
+from pipeline.models import create_model, data_config, load_checkpoint
+from pipeline.train import derived_seed, train_config, train_logged, tta_views, write_predictions
 from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import expand_views
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +57,22 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     out.mkdir(parents=True, exist_ok=True)
     log.info("Student %s on %d images, alpha %.2f, temperature %.1f", student, len(rows), alpha, temperature)
 
-    from dvclive import Live
-
+    # No validation split: every training image is used, and the last epoch is kept.
+    _, model = train_logged(model, student, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing),
+                            cfg, out, params)
     ckpt = out / "checkpoint.pt"
-    with Live(dir=str(out / "live"), resume=resumable(out, cfg), dvcyaml=None, save_dvc_exp=False) as live:
-        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=student, params=params, epoch=epoch,
-                                                        metric=metric)
-        # No validation split: every training image is used, and the last epoch is kept.
-        fit(model, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing), cfg, out, live, save)
-
-    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
     test_rows = split_rows(index, "test")
-    probs = {split: write_predictions(model, images, index, split_rows(index, split), out / f"{split}.csv", cfg, views,
-                                      crop_scale, eval_tf) for split in ("test", "hidden")}
-    names = ["identity", *[v for v in views if v != "identity"]]
+    test = write_predictions(model, images, index, test_rows, out / "test.csv", cfg, views, crop_scale, eval_tf)
+    write_predictions(model, images, index, split_rows(index, "hidden"), out / "hidden.csv", cfg, views, crop_scale,
+                      eval_tf)
     y = labels[test_rows].astype(int)
     ens = json.loads((ensemble_dir / "metrics.json").read_text())["metrics"]
     sample = images[test_rows[:timing_images]]
     teachers = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
     report = {
-        "student": {"test": binary_metrics(y, probs["test"][:, 0]),
+        "student": {"test": binary_metrics(y, test["prob"]),
                     "ms_per_image": ms_per_image([ckpt], sample, cfg, ["identity"], crop_scale, aug)},
-        "student_tta": {"test": binary_metrics(y, probs["test"][:, [names.index(v) for v in views]].mean(1)),
+        "student_tta": {"test": binary_metrics(y, test["prob_tta"]),
                         "ms_per_image": ms_per_image([ckpt], sample, cfg, views, crop_scale, aug)},
         "ensemble": {"test": ens["ensemble"]["test"], "n_models": len(teachers),
                      "ms_per_image": ms_per_image(teachers, sample, cfg, ["identity"], crop_scale, aug)},
@@ -106,10 +98,7 @@ def main() -> None:
     params = load_params()
     t, d, tta = params["train"], params["distill"], params["tta"]
     cfg = train_config(t, derived_seed(t["seed"], "student", d["student"]), epochs=d["epochs"], select_best=False)
-    try:
-        views = expand_views(tta["views"])
-    except ValueError as e:
-        raise PipelineError(str(e)) from None
+    views = tta_views(tta)
     distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out), student=d["student"],
             alpha=d["alpha"], temperature=d["temperature"], cfg=cfg, aug=AugParams(**params["augment"]),
             pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,

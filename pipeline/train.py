@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline.common import PipelineError, load_params, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
@@ -32,16 +33,41 @@ def derived_seed(seed: int, *parts) -> int:
     return (seed + zlib.crc32("/".join(map(str, parts)).encode())) % 2**31
 
 
+def tta_views(tta: dict) -> list[str]:
+    """The expanded tta.views of params.yaml, or a PipelineError naming the bad view."""
+    try:
+        return expand_views(tta["views"])
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
 def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
-                      transform) -> np.ndarray:
-    """img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows."""
+                      transform) -> pd.DataFrame:
+    """Write and return img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows."""
     names = ["identity", *[v for v in views if v != "identity"]]
     ds = CellDataset(images[rows], targets(np.zeros(len(rows))), transform)
     probs = predict(model, ds, cfg, resolve_device(cfg.device), names, crop_scale, desc=out_csv.stem)
-    tta = probs[:, [names.index(v) for v in views]].mean(1)
-    pd.DataFrame({"img_name": index["img_name"].to_numpy()[rows], "prob": probs[:, 0], "prob_tta": tta}).to_csv(
-        out_csv, index=False, float_format="%.6f")
-    return probs
+    df = pd.DataFrame({"img_name": index["img_name"].to_numpy()[rows], "prob": probs[:, 0],
+                       "prob_tta": probs[:, [names.index(v) for v in views]].mean(1)})
+    df.to_csv(out_csv, index=False, float_format="%.6f")
+    return df
+
+
+def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
+                 params: dict) -> tuple[dict, torch.nn.Module]:
+    """fit() with dvclive curves in out/live and the kept checkpoint in out/checkpoint.pt; returns the kept
+    epoch's metrics and the model rebuilt from that checkpoint (teachers and student alike)."""
+    from dvclive import Live  # imported late: it is slow to import and only the stages need it
+
+    ckpt = out / "checkpoint.pt"
+    # A fresh run starts fresh curves; a resumed or finished one keeps its (persisted) curves.
+    with Live(dir=str(out / "live"), resume=resumable(out, cfg), dvcyaml=None, save_dvc_exp=False) as live:
+        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric)
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save)
+        for k, v in best.items():
+            live.summary[k] = v
+    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+    return best, model
 
 
 def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fold: int, cfg: TrainConfig,
@@ -65,23 +91,13 @@ def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fol
     out.mkdir(parents=True, exist_ok=True)
     log.info("%s fold %d: %d train / %d validation images, seed %d", backbone, fold, len(tr), len(va), cfg.seed)
 
-    from dvclive import Live  # imported late: it is slow to import and only the stage needs it
-
-    ckpt = out / "checkpoint.pt"
-    # A fresh run starts fresh curves; a resumed or finished one keeps its (persisted) curves.
-    with Live(dir=str(out / "live"), resume=resumable(out, cfg), dvcyaml=None, save_dvc_exp=False) as live:
-        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=backbone, params=params, epoch=epoch,
-                                                        metric=metric)
-        best = fit(model, train_ds, val_ds, labels[va].astype(int), LabelLoss(cfg.label_smoothing), cfg, out, live, save)
-        for k, v in best.items():
-            live.summary[k] = v
-
-    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
-    probs = write_predictions(model, images, index, va, out / "oof.csv", cfg, views, crop_scale, eval_tf)
+    best, model = train_logged(model, backbone, train_ds, val_ds, labels[va].astype(int),
+                               LabelLoss(cfg.label_smoothing), cfg, out, params)
+    oof = write_predictions(model, images, index, va, out / "oof.csv", cfg, views, crop_scale, eval_tf)
     for split in ("test", "hidden"):
         write_predictions(model, images, index, split_rows(index, split), out / f"{split}.csv", cfg, views,
                           crop_scale, eval_tf)
-    acc = ((probs[:, 0] >= 0.5) == labels[va]).mean()
+    acc = ((oof["prob"].to_numpy() >= 0.5) == labels[va]).mean()
     log.info("%s fold %d: kept epoch %d, OOF accuracy %.4f", backbone, fold, best["epoch"], acc)
     return best
 
@@ -97,10 +113,7 @@ def main() -> None:
     params = load_params()
     p, tta = params["train"], params["tta"]
     cfg = train_config(p, derived_seed(p["seed"], args.backbone, args.fold))
-    try:
-        views = expand_views(tta["views"])
-    except ValueError as e:
-        raise PipelineError(str(e)) from None
+    views = tta_views(tta)
     train_fold(Path(args.prepared), Path(args.folds), Path(args.out), backbone=args.backbone, fold=args.fold, cfg=cfg,
                aug=AugParams(**params["augment"]), pretrained=p["pretrained"], weights_dir=p["weights_dir"],
                drop_rate=p["drop_rate"], views=views, crop_scale=tta["crop_scale"],
