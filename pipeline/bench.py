@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.common import load_params, run_main
+from pipeline.common import run_main
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, loader, resolve_device, setup_device
 from pipeline.losses import LabelLoss
 from pipeline.models import create_model, data_config
+from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Shared helpers: logging setup, params loading, seeding and small path utilities."""
+"""Shared helpers: errors, logging setup, seeding and small path utilities."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +21,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Configure logging once, for the stage's entry point (library code only logs)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-
-
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """Read params.yaml; only stage entry points call this."""
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def run_main(fn) -> None:

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, load_params, run_main, seed_everything
+from pipeline import fingerprint as fp
+from pipeline.common import PipelineError, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
-from pipeline.models import create_model, data_config, load_checkpoint
-from pipeline.train import derived_seed, train_config, train_logged, tta_views, write_predictions
+from pipeline.models import create_model, data_config, load_checkpoint, weights_digest
+from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
+from pipeline.tta import expand_views
+from pipeline.workflow import data_digests, derived_seed, train_config, train_logged, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
 def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
             temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
             drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
-            params: dict) -> dict:
+            params: dict, learned: dict | None = None) -> dict:
+    """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
     index, images = load_cache(prepared)
     oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
     if teacher_column not in oof:
@@ -48,6 +52,9 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
                             f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
+    fingerprint = fp.make({**(learned or {}), "model.student": student},
+                          {**data_digests(prepared), "soft_targets": fp.array_digest(soft.to_numpy(np.float64)),
+                           "weights": weights_digest(student, pretrained, weights_dir)})
     seed_everything(cfg.seed)
     model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate)
     norm = data_config(model)
@@ -59,7 +66,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
 
     # No validation split: every training image is used, and the last epoch is kept.
     _, model = train_logged(model, student, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing),
-                            cfg, out, params)
+                            cfg, out, params, fingerprint)
     ckpt = out / "checkpoint.pt"
     test_rows = split_rows(index, "test")
     test = write_predictions(model, images, index, test_rows, out / "test.csv", cfg, views, crop_scale, eval_tf)
@@ -98,12 +105,13 @@ def main() -> None:
     params = load_params()
     t, d, tta = params["train"], params["distill"], params["tta"]
     cfg = train_config(t, derived_seed(t["seed"], "student", d["student"]), epochs=d["epochs"], select_best=False)
-    views = tta_views(tta)
+    views = expand_views(tta["views"])
     distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out), student=d["student"],
             alpha=d["alpha"], temperature=d["temperature"], cfg=cfg, aug=AugParams(**params["augment"]),
             pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,
             crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
-            params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]})
+            params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
+            learned=fp.learned_params(params, fp.STUDENT_PARAMS))
 
 
 if __name__ == "__main__":

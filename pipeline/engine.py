@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline import fingerprint as fp
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset
 from pipeline.metrics import binary_metrics
@@ -89,17 +90,41 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
     return torch.cat(out).numpy()
 
 
-def resumable(out_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether out_dir/last.pt holds a run with these exact settings (then fit continues it)."""
-    last = out_dir / "last.pt"
-    return last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["config"] == asdict(cfg)
+# TrainConfig fields that change speed, not the weights: a run may resume with other values.
+_SPEED_ONLY = ("num_workers", "device")
+
+
+def run_fingerprint(cfg: TrainConfig, fingerprint: dict | None) -> dict:
+    """The caller's fingerprint (params and data digests) plus the TrainConfig fields that shape training."""
+    base = fingerprint or fp.make({}, {})
+    config = {f"config.{k}": v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
+    return fp.make({**base["params"], **config}, base["inputs"])
+
+
+def resume_state(last: Path, current: dict) -> dict | None:
+    """The contents of `last` if it was trained on exactly `current`'s inputs; otherwise it is set aside (removed)."""
+    if not last.is_file():
+        return None
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        diff = fp.differences(ck.get("fingerprint"), current)
+    except Exception as e:  # a truncated or foreign file must not stop a fresh run
+        ck, diff = None, [f"it cannot be read ({type(e).__name__}: {e})"]
+    if not diff:
+        return ck
+    log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
+    last.unlink()
+    return None
 
 
 def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, val_labels: np.ndarray | None,
-        loss_fn: Callable, cfg: TrainConfig, out_dir: Path, live=None, save: Callable | None = None) -> dict:
+        loss_fn: Callable, cfg: TrainConfig, out_dir: Path, live=None, save: Callable | None = None,
+        fingerprint: dict | None = None) -> dict:
     """Train with AdamW, warmup+cosine, EMA, clipping and early stopping; resume from out_dir/last.pt.
 
-    `save(model, epoch, metrics)` writes the kept checkpoint; returns the kept epoch's metrics."""
+    last.pt is resumed only if `fingerprint` (see pipeline.fingerprint) and cfg match the run that wrote it.
+    `save(model, epoch, metrics)` writes the kept checkpoint; `live` gets every epoch's metrics, the resumed
+    ones replayed, so the curves always match last.pt. Returns the kept epoch's metrics."""
     device = resolve_device(cfg.device)
     setup_device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -109,16 +134,16 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
                               warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     amp, scaler = autocast(device)
-    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False}
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False, "history": []}
     last = out_dir / "last.pt"
-    if resumable(out_dir, cfg):
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+    current = run_fingerprint(cfg, fingerprint)
+    if (ck := resume_state(last, current)) is not None:
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"])
         state = ck["state"]
-        log.info("Resuming from %s after epoch %d", last, state["epoch"])
-    elif last.is_file():
-        log.info("Ignoring %s: it was trained with other params", last)
+        log.info("Resuming from %s after epoch %d (same params and data)", last, state["epoch"])
+        for metrics in state["history"]:
+            _log_live(live, metrics)
     if state["done"]:
         log.info("Already finished (kept epoch %d); not retraining", state["best_epoch"])
         return state["best"]
@@ -159,18 +184,23 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
             if save:
                 save(ema.module, epoch, state["best"])
         state["epoch"] = epoch
+        state["history"].append(metrics)
         state["done"] = epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience)
         # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
-        torch.save({"config": asdict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
+        torch.save({"fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(),
                     "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state}, last.with_suffix(".tmp"))
         last.with_suffix(".tmp").replace(last)
-        if live is not None:
-            for k, v in metrics.items():
-                live.log_metric(k, v)
-            live.next_step()
+        _log_live(live, metrics)
         if state["done"]:
             break
     return state["best"]
+
+
+def _log_live(live, metrics: dict) -> None:
+    if live is not None:
+        for k, v in metrics.items():
+            live.log_metric(k, v)
+        live.next_step()
 
 
 def _better(new: dict, best: dict) -> bool:

@@ -11,8 +11,9 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import softmax
 
-from pipeline.common import PipelineError, load_params, run_main
+from pipeline.common import PipelineError, run_main
 from pipeline.metrics import best_threshold, binary_metrics
+from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 SPLITS = ("oof", "test", "hidden")
@@ -33,13 +34,13 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise PipelineError(f"{b}: missing {', '.join(missing)}; train every fold "
-                                    f"(train.folds must list 0..{n_folds - 1}) with `dvc repro`.")
+                                    f"(run `dvc repro train@{b}`).")
             parts = [pd.read_csv(f, dtype={"img_name": str}) for f in files]
             if split == "oof":
                 p = pd.concat(parts).set_index("img_name")
                 if p.index.duplicated().any() or set(p.index) != set(out[split]["img_name"]):
                     raise PipelineError(f"{b}: the OOF files do not cover each training image exactly once; "
-                                        "re-run its train stages (`dvc repro -f train@...`).")
+                                        f"re-run its train stage (`dvc repro -f train@{b}`).")
             else:
                 p = pd.concat(parts).groupby("img_name")[["prob", "prob_tta"]].mean()
             out[split][b] = out[split]["img_name"].map(p["prob"]).to_numpy()

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from pipeline.common import PipelineError, load_params, run_main
+from pipeline.common import PipelineError, run_main
+from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,9 @@ def make_folds(index: pd.DataFrame, *, n: int, group_by: str, seed: int) -> pd.D
                                 "folds.n or set folds.group_by: none.")
         splits = StratifiedGroupKFold(n, shuffle=True, random_state=seed).split(train, y, train["group"])
     elif group_by == "none":
+        smallest = int(np.bincount(y, minlength=2).min())
+        if smallest < n:
+            raise PipelineError(f"folds.n={n} but one class has only {smallest} training images; lower folds.n.")
         splits = StratifiedKFold(n, shuffle=True, random_state=seed).split(train, y)
     else:
         raise PipelineError(f"folds.group_by is {group_by!r}; use `patient` or `none`.")

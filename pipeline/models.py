@@ -26,6 +26,19 @@ def local_weights(arch: str, weights_dir: str | Path | None) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def weights_digest(arch: str, pretrained: bool, weights_dir: str | Path | None) -> str:
+    """What the starting weights are, for resume fingerprints: none, a local file's sha256, or the hub's tag."""
+    if not pretrained:
+        return "none (from scratch)"
+    file = local_weights(arch, weights_dir)
+    if file is not None:
+        from pipeline.fingerprint import file_digest
+
+        return f"{file.name}:{file_digest(file)}"
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return f"hub:{cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else arch}"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers; timm would otherwise retry for ~47 s before failing offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -95,3 +108,33 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     model = create_model(ckpt["arch"], pretrained=False)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt
+
+
+def check_backbone(arch: str, img_size: int, key: str) -> None:
+    """Fail naming `key` unless timm knows `arch` and it runs at img_size (then with the smallest size that works)."""
+    if not timm.is_model(arch):
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+        raise PipelineError(f"{key}: {arch!r} is not a timm model" +
+                            (f"; close names: {', '.join(close)}." if close else "; see `timm.list_models('resnet*')`."))
+    model = timm.create_model(arch, num_classes=NUM_CLASSES).eval()
+
+    def runs(size: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, 3, size, size))
+            return True
+        except RuntimeError:  # "Kernel size can't be greater than actual input size" and kin
+            return False
+
+    if runs(img_size):
+        return
+    lo, hi = img_size, 1024  # bisect for the smallest size that runs, the first that fails being lo
+    if not runs(hi):
+        raise PipelineError(f"{key}: {arch} does not run at data.img_size {img_size} (nor at {hi}).")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    raise PipelineError(f"{key}: {arch} cannot run at data.img_size {img_size}; the smallest size it runs at is "
+                        f"{hi}. Raise data.img_size to at least {hi} or choose another backbone.")

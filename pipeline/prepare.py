@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, is_image_file, load_params, run_main, slide_group
+from pipeline.common import PipelineError, is_image_file, run_main, slide_group
+from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 

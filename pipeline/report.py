@@ -6,7 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common import PipelineError, load_params, run_main
+from pipeline.common import PipelineError, run_main
+from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -14,14 +15,14 @@ LIVE_METRICS = ("train_loss", "val_log_loss", "val_roc_auc", "val_accuracy")  # 
 
 
 def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, student: str, submissions: str,
-                    backbones: list[str], train_folds: list[int]) -> dict[Path, str]:
+                    backbones: list[str], n_folds: int) -> dict[Path, str]:
     """Every file the notebook reads, with the DVC stage that writes it."""
     need = {Path(prepared, "index.csv"): "prepare", Path(prepared, "images.npy"): "prepare", Path(folds): "folds"}
     for b in backbones:
-        for k in train_folds:
+        for k in range(n_folds):
             live = Path(models, b, f"fold{k}", "live")
             for name in ("metrics.json", *(f"plots/metrics/{m}.tsv" for m in LIVE_METRICS)):
-                need[live / name] = f"train@{b}-{k}"
+                need[live / name] = f"train@{b}"
     for name in ("oof.csv", "test.csv", "metrics.json"):
         need[Path(ensemble, name)] = "ensemble"
     for name in ("test.csv", "metrics.json", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
@@ -127,10 +128,11 @@ def main() -> None:
     for f in (args.notebook, Path(args.params)):
         if not f.is_file():
             raise PipelineError(f"{f} is missing.")
-    train = load_params(args.params)["train"]
+    params = load_params(args.params)
     paths = dict(prepared=args.prepared, folds=args.folds, models=args.models, ensemble=args.ensemble,
                  student=args.student, submissions=args.submissions)
-    check_inputs(required_inputs(**paths, backbones=train["backbones"], train_folds=train["folds"]))
+    check_inputs(required_inputs(**paths, backbones=params["train"]["backbones"],
+                                 n_folds=params["folds"]["n"]))
     execute(args.notebook, args.executed, args.html, {**paths, "params_file": args.params})
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, load_params, run_main
+from pipeline.common import PipelineError, run_main
+from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def send(file: Path, *, competition: str, message: str, leaderboard: Path, sampl
     if dry_run:
         log.info("Dry run, not sent: %s", " ".join(repr(c) if " " in c else c for c in cmd))
         return cmd
-    from pipeline.download import kaggle_api
+    from pipeline.kaggle_client import kaggle_api
 
     api = kaggle_api()
     try:
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--ensemble", default="data/ensemble")
     parser.add_argument("--student", default="data/student")
     parser.add_argument("--sample", default="data/prepared/sample_submission.csv", type=Path)
-    parser.add_argument("--out", default="submissions", type=Path)
+    parser.add_argument("--out", default="submissions/latest", type=Path)
     args = parser.parse_args()
     params = load_params()
     if args.make:

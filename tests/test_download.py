@@ -10,9 +10,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.common import PipelineError
-from pipeline.download import download, kaggle_credentials_present
+from pipeline.download import download
+from pipeline.kaggle_client import kaggle_credentials_present
 
 REPO = Path(__file__).resolve().parent.parent
 COMPETITION = "fighting-malaria-with-cnns"
@@ -85,9 +87,9 @@ def test_cli_exits_with_one_clear_line(tmp_path: Path) -> None:
     secret = f"S3CRET-{uuid.uuid4().hex}"
     work = tmp_path / "work"
     work.mkdir()
-    (work / "params.yaml").write_text(
-        "data:\n  source: kaggle\n  path: ''\n  competition: fighting-malaria-with-cnns\n  dataset: ''\n"
-        "  seed: 0\n  synthetic: {n_train: 2, n_test: 2, n_hidden: 2}\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="kaggle", competition="fighting-malaria-with-cnns")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
     for name in ("home", "config", "xdg"):
         (tmp_path / name).mkdir()

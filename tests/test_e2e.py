@@ -1,6 +1,8 @@
 """End-to-end: `dvc repro` of a tiny configuration in a temporary copy of the project."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -8,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 
+from test_params import with_value
 from test_report import check_executed_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,32 +22,25 @@ def project_copy(tmp: Path, **overrides) -> Path:
     """Copy the tracked project files to tmp, apply dotted-key param overrides, and commit (dvclive needs a commit)."""
     dst = tmp / "project"
     dst.mkdir()
-    for name in ("pipeline", "notebooks", ".dvc", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+    for name in ("pipeline", "notebooks", "submissions", ".dvc", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         elif src.exists():
             shutil.copy(src, dst / name)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = params
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(dst, **overrides)
     git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "tiny"]):
         subprocess.run(git + cmd, cwd=dst, check=True, capture_output=True)
     return dst
 
 
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc(project: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     r = subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=project, env=env, capture_output=True,
                        text=True, timeout=1800)
-    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert (r.returncode == 0) == ok, f"dvc {' '.join(args)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
 
 
@@ -65,17 +60,17 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     """The whole chain on the real competition sample, tiny: every submission valid for the 600 hidden images."""
     project = project_copy(tmp_path, **{
         "data.source": "local", "data.path": str(shared_data / "nndl-hw2-sample.zip"), "data.img_size": 32,
-        "folds.n": 2, "train.folds": [0, 1], "train.backbones": ["resnet10t", "efficientnet_b0"],
+        "folds.n": 2, "train.backbones": ["resnet10t", "efficientnet_b0"],
         "train.epochs": 1, "train.batch_size": 128, "train.num_workers": 0, "distill.epochs": 1,
         "distill.timing_images": 32, "tta.views": ["identity", "hflip"]})
     dvc(project, "repro")
     sample = pd.read_csv(project / "data/prepared/sample_submission.csv")
     assert len(sample) == 600
-    board = pd.read_csv(project / "submissions/leaderboard.csv")
+    board = pd.read_csv(project / "submissions/latest/leaderboard.csv")
     expected = {f"{m}{s}.csv" for m in ("resnet10t", "efficientnet_b0", "ensemble", "student") for s in ("", "_tta")}
     assert set(board["file"]) == expected
     for f in expected:
-        sub = pd.read_csv(project / "submissions" / f)
+        sub = pd.read_csv(project / "submissions/latest" / f)
         assert list(sub.columns) == ["img_name", "label"]
         assert sub["img_name"].tolist() == sample["img_name"].tolist()
         assert set(sub["label"].unique()) <= {0, 1}
@@ -88,7 +83,55 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     assert "didn't change" in dvc(project, "repro").stdout
     shown = dvc(project, "metrics", "show").stdout
     assert "data/ensemble/metrics.json" in shown
-    # A finished (backbone, fold) forced to run again is not retrained and keeps its curves.
-    again = dvc(project, "repro", "-f", "-s", "train@resnet10t-0")
-    assert "not retraining" in again.stderr + again.stdout
+    # A finished backbone forced to run again is not retrained and keeps its curves.
+    again = dvc(project, "repro", "-f", "-s", "train@resnet10t")
+    assert (again.stderr + again.stdout).count("not retraining") == 2  # both folds
     assert (project / "data/models/resnet10t/fold0/live/plots/metrics/train_loss.tsv").is_file()
+
+    # Other data (only data.path changes): every model retrains on it; nothing is resumed from the old cells.
+    models = [project / f"data/models/{b}/fold{k}" for b in ("resnet10t", "efficientnet_b0") for k in (0, 1)]
+    models.append(project / "data/student")
+    before = {m: sha256(m / "checkpoint.pt") for m in models}
+    set_params(project, **{"data.path": str(shared_data / "cell_images-sample.zip")})
+    r = dvc(project, "repro", "submit")
+    log = r.stdout + r.stderr
+    assert log.count("Setting aside") == len(models), log[-4000:]
+    assert "images.npy content changed" in log and "Resuming" not in log and "not retraining" not in log
+    assert all(sha256(m / "checkpoint.pt") != h for m, h in before.items())
+    folds = pd.read_csv(project / "data/folds.csv")
+    assert len(folds) < 1000 and folds["img_name"].str.startswith("C").all()  # the public sample's cells
+    for m in models[:-1]:
+        oof = pd.read_csv(m / "oof.csv")
+        val = folds[folds["fold"] == int(m.name[4:])].set_index("img_name")["label"]
+        assert sorted(oof["img_name"]) == sorted(val.index)
+        acc = ((oof["prob"] >= 0.5).astype(int).to_numpy() == val[oof["img_name"]].to_numpy()).mean()
+        kept = json.loads((m / "live/metrics.json").read_text())["val_accuracy"]
+        assert abs(acc - kept) <= 1 / len(oof) + 1e-9, (m, acc, kept)  # the OOF comes from the new data's model
+
+    # folds.n alone (as `dvc exp run -S` sets it) gives a complete 3-fold CV; no other key needs editing.
+    dvc(project, "exp", "run", "-S", "folds.n=3")
+    folds = pd.read_csv(project / "data/folds.csv")
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    for b in ("resnet10t", "efficientnet_b0"):
+        assert sorted(d.name for d in (project / "data/models" / b).iterdir()) == ["fold0", "fold1", "fold2"]
+    oof = pd.read_csv(project / "data/ensemble/oof.csv")
+    assert sorted(oof["img_name"]) == sorted(folds["img_name"]) and oof["ensemble"].notna().all()
+    check_executed_report(project)
+
+
+def test_bad_params_stop_dvc_repro_before_any_work(tmp_path):
+    project = project_copy(tmp_path, **{"train.lr": "fast"})
+    r = dvc(project, "repro", ok=False)
+    assert "train.lr: 'fast' is not allowed" in r.stdout + r.stderr
+    assert not (project / "data/raw").exists() and not (project / "data/models").exists()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_params(project: Path, **overrides) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in overrides.items():
+        params = with_value(key, value, params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

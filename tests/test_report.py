@@ -39,7 +39,7 @@ def check_executed_report(project: Path) -> None:
     assert len(scores) == 1, "expected one cell tagged `scores`"
     table = "".join(o.get("data", {}).get("text/html", "") for o in scores[0].outputs)
     rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
-    board = pd.read_csv(project / "submissions" / "leaderboard.csv")
+    board = pd.read_csv(project / "submissions" / "latest" / "leaderboard.csv")
     assert len(rows) == len(board), f"the scores table has {len(rows)} rows, the leaderboard {len(board)}"
     for row, (_, r) in zip(rows, board.iterrows()):  # same order: best first
         assert f"<td>{r['file']}</td>" in row, f"scores table row {row!r} is not {r['file']}"
@@ -86,7 +86,7 @@ def run_report(tmp_path: Path, monkeypatch, notebook: Path = NOTEBOOK) -> None:
     monkeypatch.setattr(sys, "argv", [
         "report", "--notebook", str(notebook), "--executed", "out/report.executed.ipynb", "--html", "out/report.html",
         "--prepared", "data/prepared", "--folds", "data/folds.csv", "--models", "data/models",
-        "--ensemble", "data/ensemble", "--student", "data/student", "--submissions", "submissions"])
+        "--ensemble", "data/ensemble", "--student", "data/student", "--submissions", "submissions/latest"])
     main()
 
 
@@ -95,9 +95,9 @@ def test_missing_inputs_fail_before_executing(tmp_path, monkeypatch):
         run_report(tmp_path, monkeypatch)
     msg = str(e.value)
     for missing in ("data/prepared/index.csv (stage `prepare`)", "data/folds.csv (stage `folds`)",
-                    "data/models/resnet10t/fold0/live/metrics.json (stage `train@resnet10t-0`)",
+                    "data/models/resnet10t/fold0/live/metrics.json (stage `train@resnet10t`)",
                     "data/ensemble/oof.csv (stage `ensemble`)", "data/student/checkpoint.pt (stage `distill`)",
-                    "submissions/leaderboard.csv (stage `submit`)"):
+                    "submissions/latest/leaderboard.csv (stage `submit`)"):
         assert missing in msg
     assert not (tmp_path / "out").exists()
 

@@ -1,0 +1,66 @@
+"""Resume fingerprints: everything that decides a model's weights, so a last.pt is resumed only when all of it is unchanged."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+# The params that shape what a model learns, as sections or dotted keys of params.yaml. The data's source
+# and path are not here on purpose: the content of the prepared cache and the folds is hashed instead, so
+# the same cells from another path resume, and other cells never do.
+TEACHER_PARAMS = ("data.img_size", "folds", "train", "augment")
+STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
+# Keys inside those sections that change only inference, speed or bookkeeping: changing them re-predicts
+# from the finished checkpoint instead of retraining (every other key retrains).
+INFERENCE_ONLY = frozenset({"train.backbones", "train.folds", "train.device", "train.num_workers",
+                            "train.weights_dir", "distill.timing_images"})
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (the prepared cache, the folds CSV, a weights file)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def array_digest(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and values (the student's soft targets)."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: list(node) if isinstance(node, tuple) else node}
+
+
+def learned_params(params: dict, keys: Iterable[str] = TEACHER_PARAMS) -> dict[str, Any]:
+    """The flat `section.key -> value` map of the params that shape training, inference-only keys left out."""
+    out = {}
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        out.update(_flatten(node, key))
+    return {k: v for k, v in sorted(out.items()) if k not in INFERENCE_ONLY}
+
+
+def make(params: dict[str, Any], inputs: dict[str, str]) -> dict:
+    """A fingerprint: flat learned params and the digests of the data inputs, by name."""
+    return {"params": dict(params), "inputs": dict(inputs)}
+
+
+def differences(old: dict | None, new: dict) -> list[str]:
+    """What changed from `old` to `new`, one phrase each; empty when a run may resume."""
+    if not old:
+        return ["it has no fingerprint (written before resume checks existed)"]
+    out = []
+    for kind in ("params", "inputs"):
+        a, b = old.get(kind, {}), new.get(kind, {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" if kind == "params"
+                           else f"{k} content changed")
+    return out

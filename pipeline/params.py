@@ -1,0 +1,219 @@
+"""The one schema of params.yaml (types, ranges, choices, a line of doc per key) and the loader every stage uses."""
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from pipeline.common import PipelineError
+from pipeline.tta import expand_views
+
+
+
+class Section(BaseModel):
+    # strict: "0.002" (a string) is not a number; extra keys are typos, reported with the closest known key.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Synthetic(Section):
+    n_train: int = Field(ge=10, description="generated training cells")
+    n_test: int = Field(ge=2, description="generated labelled test cells")
+    n_hidden: int = Field(ge=1, description="generated hidden cells")
+
+
+class Data(Section):
+    source: Literal["demo", "local", "kaggle", "synthetic"] = Field(
+        description="demo (1,000 real cells in the repo), local (data.path), kaggle (the API) or synthetic (generated)")
+    path: str = Field(description="source=local: the competition zip/folder or the public cell_images zip/folder")
+    competition: str = Field(min_length=1, description="Kaggle competition slug (download and submit)")
+    dataset: str = Field(description="source=kaggle: a Kaggle dataset to download instead of the competition")
+    img_size: int = Field(ge=16, le=1024, description="side of the cached square images, in pixels")
+    holdout: float = Field(gt=0, lt=1, description="data without a labelled test set: fraction held out, by slide")
+    seed: int = Field(ge=0, description="seed of the synthetic data and of the holdout")
+    synthetic: Synthetic = Field(description="source=synthetic: how many cells per split")
+
+    @field_validator("path")
+    @classmethod
+    def _path_for_local(cls, path: str, info: ValidationInfo) -> str:
+        if info.data.get("source") == "local" and not path.strip():
+            raise ValueError("data.source is local, so data.path must name the competition zip or folder (or the "
+                             "public cell_images zip)")
+        return path
+
+
+class Folds(Section):
+    n: int = Field(description="cross-validation folds (at least 2); each backbone trains every fold")
+    group_by: Literal["patient", "none"] = Field(
+        description="patient: no slide in two folds (StratifiedGroupKFold); none: StratifiedKFold")
+    seed: int = Field(ge=0, description="seed of the fold assignment")
+
+    @field_validator("n")
+    @classmethod
+    def _at_least_two(cls, n: int) -> int:
+        if n < 2:
+            raise ValueError("cross-validation needs at least 2 folds (5 is usual); a single model on all training "
+                             "cells is not a CV fold")
+        return n
+
+
+class Train(Section):
+    backbones: list[str] = Field(min_length=1, description="timm model names; each trains on every fold")
+    epochs: int = Field(ge=1, le=1000, description="maximum epochs per (backbone, fold)")
+    batch_size: int = Field(ge=2, le=8192, description="images per step (BatchNorm needs at least 2)")
+    lr: float = Field(gt=0, le=1, description="peak AdamW learning rate (warmup, then cosine decay to lr/100)")
+    weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay")
+    warmup_epochs: float = Field(ge=0, description="linear warmup, in epochs")
+    label_smoothing: float = Field(ge=0, lt=0.5, description="label smoothing of the cross-entropy")
+    grad_clip: float = Field(gt=0, description="max gradient norm")
+    ema_decay: float = Field(ge=0, lt=1, description="EMA of the weights (with warmup); the EMA model is kept")
+    patience: int = Field(ge=1, description="early stopping: epochs without a better validation AUC")
+    drop_rate: float = Field(ge=0, lt=1, description="dropout before the classifier")
+    pretrained: bool = Field(description="start from ImageNet weights (train.weights_dir, else the HF hub)")
+    weights_dir: str = Field(description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
+    device: Literal["auto", "cpu", "cuda"] = Field(description="auto uses a CUDA GPU when one is visible")
+    num_workers: int = Field(ge=0, le=256, description="DataLoader augmentation workers")
+    seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
+
+    @field_validator("backbones")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("a backbone is listed twice")
+        return names
+
+
+class Augment(Section):
+    flip: float = Field(ge=0, le=1, description="p of each of horizontal flip, vertical flip, random 90-degree rotation")
+    affine: float = Field(ge=0, le=1, description="p of a random shift/scale/rotate")
+    shift: float = Field(ge=0, le=0.5, description="max shift, fraction of the side")
+    scale: float = Field(ge=0, lt=1, description="zoom in [1 - scale, 1 + scale]")
+    rotate: float = Field(ge=0, le=180, description="max rotation, degrees")
+    color: float = Field(ge=0, le=1, description="p of brightness/contrast and of hue/saturation jitter")
+    brightness: float = Field(ge=0, le=1, description="max brightness change")
+    contrast: float = Field(ge=0, le=1, description="max contrast change")
+    hue: int = Field(ge=0, le=90, description="max hue shift, OpenCV units (180 = full circle)")
+    saturation: int = Field(ge=0, le=255, description="max saturation shift")
+    blur: float = Field(ge=0, le=1, description="p of a light Gaussian blur")
+    noise: float = Field(ge=0, le=1, description="p of light Gaussian noise")
+    dropout: float = Field(ge=0, le=1, description="p of coarse dropout (1-3 black holes of 5-15% of the side)")
+
+
+class Distill(Section):
+    student: str = Field(min_length=1, description="timm name of the student distilled from the ensemble")
+    epochs: int = Field(ge=1, le=1000, description="student epochs on every training image (it keeps its last)")
+    alpha: float = Field(ge=0, le=1, description="loss = alpha * CE(label) + (1 - alpha) * T² * KL(teacher ‖ student)")
+    temperature: float = Field(gt=0, le=100, description="T: softens teacher and student distributions")
+    teacher: Literal["ensemble", "ensemble_tta"] = Field(description="the ensemble OOF column used as soft target")
+    timing_images: int = Field(ge=1, description="test images used to time student vs ensemble inference")
+
+
+class Tta(Section):
+    views: list[str] = Field(min_length=1, description="views averaged at test time (names or the groups d4, five_crop)")
+    crop_scale: float = Field(gt=0, le=1, description="crop views keep this fraction of the side")
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, views: list[str]) -> list[str]:
+        expand_views(views)  # raises ValueError naming the unknown view and the known ones
+        return views
+
+
+class Params(Section):
+    data: Data
+    folds: Folds
+    train: Train
+    augment: Augment
+    distill: Distill
+    tta: Tta
+
+
+def schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> dict[str, str]:
+    """Every leaf key of the schema, dotted, with its one-line doc."""
+    out = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(schema_keys(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = field.description or ""
+    return out
+
+
+def _allowed(field) -> str:
+    """What a field accepts, in words: its choices, or its type and range."""
+    ann = field.annotation
+    if get_origin(ann) is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(ann))
+    name = {int: "integer", float: "number", bool: "true/false", str: "text"}.get(ann, "list of names")
+    bounds = []
+    for m in field.metadata:
+        for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(m, attr)}")
+    return f"{name} {', '.join(bounds)}".strip()
+
+
+def params_table(values: dict, model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Markdown rows `| key | value | allowed | meaning |` for every leaf key (the README's Params table)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann, value = field.annotation, values.get(name)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += params_table(value or {}, ann, f"{prefix}{name}.")
+        else:
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+            rows.append(f"| `{prefix}{name}` | `{shown}` | {_allowed(field)} | {field.description} |")
+    return rows
+
+
+def _known_at(loc: tuple) -> list[str]:
+    """The keys allowed at a location of the schema (for 'did you mean')."""
+    model: Any = Params
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
+def describe(e: ValidationError, file: str | Path) -> str:
+    """One line per problem: the dotted key, the value, what is allowed (or the closest known key)."""
+    lines = []
+    for err in e.errors(include_url=False):
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], _known_at(loc), n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join((*loc[:-1], close[0]))}?" if close else \
+                f"; known keys here: {', '.join(_known_at(loc))}"
+            lines.append(f"{key}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: missing; add it (see README.md, section Params)")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {err.get('input')!r} is not allowed: {msg}")
+    return f"{file}: " + (lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines))
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """params.yaml checked against the schema, as plain typed values; a PipelineError names every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; run from the project's root folder (where dvc.yaml is).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return Params.model_validate(raw or {}).model_dump()
+    except ValidationError as e:
+        raise PipelineError(describe(e, path)) from None
+
+
+if __name__ == "__main__":
+    # `python -m pipeline.params`: the README's Params table, from this schema and params.yaml.
+    print("| key | value | allowed | meaning |\n|---|---|---|---|")
+    print("\n".join(params_table(load_params(sys.argv[1] if len(sys.argv) > 1 else "params.yaml"))))

@@ -1,0 +1,82 @@
+"""What the train and distill stages share: configs and seeds, resume fingerprints, logged training, prediction CSVs."""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import fingerprint as fp
+from pipeline.dataset import CellDataset, targets
+from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.models import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train_config(p: dict, seed: int, **overrides) -> TrainConfig:
+    """TrainConfig from a params section (train: or distill:), keeping only the keys it knows."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in p.items() if k in known}, "seed": seed, **overrides})
+
+
+def derived_seed(seed: int, *parts) -> int:
+    """A stable per-(backbone, fold) seed (Python's hash() is salted per process)."""
+    return (seed + zlib.crc32("/".join(map(str, parts)).encode())) % 2**31
+
+
+def data_digests(prepared: Path, *files: Path) -> dict[str, str]:
+    """Content digests of the prepared cache and any other data file a model learns from (the folds CSV)."""
+    paths = [prepared / "images.npy", prepared / "index.csv", *files]
+    return {p.name: fp.file_digest(p) for p in paths}
+
+
+def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
+                      transform) -> pd.DataFrame:
+    """Write and return img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows."""
+    names = ["identity", *[v for v in views if v != "identity"]]
+    ds = CellDataset(images[rows], targets(np.zeros(len(rows))), transform)
+    probs = predict(model, ds, cfg, resolve_device(cfg.device), names, crop_scale, desc=out_csv.stem)
+    df = pd.DataFrame({"img_name": index["img_name"].to_numpy()[rows], "prob": probs[:, 0],
+                       "prob_tta": probs[:, [names.index(v) for v in views]].mean(1)})
+    df.to_csv(out_csv, index=False, float_format="%.6f")
+    return df
+
+
+def _checkpoint_differences(ckpt: Path, fingerprint: dict) -> list[str]:
+    """What differs between the kept checkpoint's inputs and this run's (empty when it belongs to this run)."""
+    if not ckpt.is_file():
+        return [f"{ckpt} is missing"]
+    try:
+        return fp.differences(torch.load(ckpt, map_location="cpu", weights_only=False).get("fingerprint"), fingerprint)
+    except Exception as e:  # a truncated or foreign file: it does not belong to this run
+        return [f"{ckpt} cannot be read ({type(e).__name__})"]
+
+
+def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
+                 params: dict, fingerprint: dict) -> tuple[dict, torch.nn.Module]:
+    """fit() with dvclive curves in out/live and the kept checkpoint in out/checkpoint.pt; returns the kept
+    epoch's metrics and the model rebuilt from that checkpoint (teachers and student alike).
+
+    `fingerprint` (pipeline.fingerprint.make) names everything the weights depend on: last.pt is resumed and
+    checkpoint.pt reused only when it is unchanged."""
+    from dvclive import Live  # imported late: it is slow to import and only the stages need it
+
+    ckpt, last = out / "checkpoint.pt", out / "last.pt"
+    # The kept checkpoint belongs to last.pt's run: if it was trained on other inputs (or is gone), so was last.pt.
+    if last.is_file() and (diff := _checkpoint_differences(ckpt, fingerprint)):
+        log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
+        last.unlink()
+    # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.
+    with Live(dir=str(out / "live"), resume=False, dvcyaml=None, save_dvc_exp=False) as live:
+        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric,
+                                                        extra={"fingerprint": fingerprint})
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save, fingerprint)
+        for k, v in best.items():
+            live.summary[k] = v
+    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+    return best, model

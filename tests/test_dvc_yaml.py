@@ -1,0 +1,35 @@
+"""dvc.yaml lists, for each stage, every pipeline module its command imports (directly or through other modules)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """pipeline modules `module` imports, transitively (lazy imports inside functions count too)."""
+    seen = seen if seen is not None else set()
+    text = (ROOT / "pipeline" / f"{module}.py").read_text()
+    found = set(re.findall(r"^\s*from pipeline\.(\w+) import", text, re.M))
+    found |= {m for group in re.findall(r"^\s*from pipeline import ([\w, ]+)", text, re.M)
+              for m in re.findall(r"(\w+)(?: as \w+)?", group) if m != "as"}
+    for m in found - seen:
+        seen.add(m)
+        imports(m, seen)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_list_every_module_it_imports(name):
+    stage = STAGES[name]
+    module = re.search(r"python -m pipeline\.(\w+)", stage["cmd"]).group(1)
+    needed = {f"pipeline/{m}.py" for m in imports(module) | {module}}
+    missing = needed - set(stage["deps"])
+    assert not missing, f"stage {name}: add {sorted(missing)} to its deps"
+    if name != "validate":
+        assert "data/validated.txt" in stage["deps"], f"stage {name} must depend on the validate stage's marker"

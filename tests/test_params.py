@@ -1,0 +1,127 @@
+"""params.yaml against its one schema: every bad value stops before any work with a message naming the key."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import load_params, params_table, schema_keys
+from pipeline.validate import main as validate_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(key: str, value, params: dict | None = None) -> dict:
+    """A deep copy of `params` (default: params.yaml) with the dotted `key` set to `value`."""
+    out = copy.deepcopy(PARAMS if params is None else params)
+    *parents, leaf = key.split(".")
+    node = out
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return out
+
+
+def run_validate(params: dict, tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """`python -m pipeline.validate` in-process (what the first DVC stage runs): its exit code and log."""
+    from pipeline.common import run_main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["validate", "--out", "validated.txt"])
+    try:
+        run_main(validate_main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+BAD = [  # key, bad value, words the message must hold besides the key
+    ("train.epochs", 0, ["0", "greater than or equal to 1"]),
+    ("train.epochs", "ten", ["'ten'", "valid integer"]),
+    ("train.lr", "0.002", ["'0.002'", "valid number"]),
+    ("train.lr", -0.1, ["-0.1", "greater than 0"]),
+    ("train.batch_size", 1, ["1", "greater than or equal to 2"]),
+    ("train.device", "gpu", ["'gpu'", "'auto', 'cpu' or 'cuda'"]),
+    ("train.pretrained", "yes", ["'yes'", "boolean"]),
+    ("data.source", "s3", ["'s3'", "'demo', 'local', 'kaggle' or 'synthetic'"]),
+    ("data.img_size", 8, ["8", "greater than or equal to 16"]),
+    ("folds.n", 1, ["1", "at least 2 folds"]),
+    ("folds.group_by", "slide", ["'slide'", "'patient' or 'none'"]),
+    ("tta.views", ["identity", "sideways"], ["'sideways'", "d4 or five_crop"]),
+    ("distill.teacher", "best", ["'best'", "'ensemble' or 'ensemble_tta'"]),
+    ("augment.flip", 1.5, ["1.5", "less than or equal to 1"]),
+    ("train.backbones", ["resnet10tt"], ["'resnet10tt' is not a timm model", "resnet10t"]),
+    ("distill.student", "efficientnet_b00", ["not a timm model", "efficientnet_b0"]),
+    ("train.backbones", ["inception_v3"], ["inception_v3 cannot run at data.img_size 64", "smallest size it runs at is 75"]),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_a_bad_value_stops_with_one_message_naming_the_key(key, value, words, tmp_path, monkeypatch, capsys):
+    code, err = run_validate(with_value(key, value), tmp_path, monkeypatch, capsys)
+    assert code == 1
+    assert "Traceback" not in err
+    shown = key.replace("train.backbones", "train.backbones[0]")
+    assert f"{shown}: " in err, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "validated.txt").exists()
+
+
+def test_a_misspelled_key_names_the_closest_known_key(tmp_path, monkeypatch, capsys):
+    params = copy.deepcopy(PARAMS)
+    params["train"]["epoch"] = params["train"].pop("epochs")
+    code, err = run_validate(params, tmp_path, monkeypatch, capsys)
+    assert code == 1 and "train.epoch: unknown key; did you mean train.epochs?" in err
+
+
+def test_local_source_needs_a_path(tmp_path, monkeypatch, capsys):
+    code, err = run_validate(with_value("data.source", "local"), tmp_path, monkeypatch, capsys)
+    assert code == 1 and "data.path: '' is not allowed" in err
+
+
+def test_the_shipped_params_are_valid(tmp_path, monkeypatch, capsys):
+    code, err = run_validate(PARAMS, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "validated.txt").read_text() == "params.yaml passed `python -m pipeline.validate`\n"
+
+
+def test_stages_get_typed_values(tmp_path):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(with_value("augment.rotate", 20)))
+    assert isinstance(load_params(tmp_path / "p.yaml")["augment"]["rotate"], float)
+
+
+def leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k for key, sub in node.items() for k in leaves(sub, f"{prefix}{key}.")}
+    return {prefix[:-1]}
+
+
+def test_schema_params_yaml_and_readme_agree():
+    keys = schema_keys()
+    assert leaves(PARAMS) == set(keys), "params.yaml and the schema have different keys"
+    assert all(keys.values()), "every schema key needs a one-line description"
+    readme = (ROOT / "README.md").read_text()
+    missing = [row for row in params_table(load_params(ROOT / "params.yaml")) if row not in readme]
+    assert not missing, "README's Params table is stale; paste `python -m pipeline.params`:\n" + "\n".join(missing)
+    # Every key line of params.yaml carries a comment (the sections' headers and list items aside).
+    text = (ROOT / "params.yaml").read_text()
+    for key in keys:
+        leaf = key.split(".")[-1]
+        lines = [ln for ln in text.splitlines() if ln.strip().startswith(f"{leaf}:")]
+        assert any("#" in ln for ln in lines), f"params.yaml: {key} has no comment"
+
+
+def test_a_fresh_clone_has_the_eight_top_level_names(tmp_path):
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    top = {Path(f).parts[0] for f in tracked}
+    for name in ("pipeline", "data", "notebooks", "submissions", "params.yaml", "dvc.yaml", "requirements.txt",
+                 "README.md"):
+        assert name in top, f"{name} is not in git, so a fresh clone lacks it"

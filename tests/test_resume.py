@@ -1,0 +1,214 @@
+"""Resume only what may be resumed: a last.pt/checkpoint.pt is reused only when every input that shaped it is unchanged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import engine
+from pipeline import fingerprint as fp
+from pipeline.distill import distill
+from pipeline.engine import TrainConfig
+from pipeline.folds import make_folds
+from pipeline.models import create_model
+from pipeline.train import train_fold
+from pipeline.transforms import AugParams
+from test_params import with_value
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+CFG = TrainConfig(epochs=2, batch_size=32, num_workers=0, device="cpu", seed=5, patience=5)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("data.img_size", 96), ("folds.n", 3), ("folds.seed", 1), ("train.epochs", 9), ("train.lr", 0.01),
+    ("train.pretrained", True), ("train.drop_rate", 0.3), ("train.seed", 1), ("augment.flip", 0.0),
+    ("augment.rotate", 45)])
+def test_learning_params_change_the_fingerprint(key, value):
+    for keys in (fp.TEACHER_PARAMS, fp.STUDENT_PARAMS):
+        diff = fp.differences(fp.make(fp.learned_params(PARAMS, keys), {}),
+                              fp.make(fp.learned_params(with_value(key, value), keys), {}))
+        assert diff and key in diff[0], diff
+
+
+@pytest.mark.parametrize("key,value", [("distill.alpha", 0.9), ("distill.temperature", 4.0), ("distill.epochs", 2),
+                                       ("distill.student", "resnet18"), ("distill.teacher", "ensemble")])
+def test_distill_params_change_only_the_students_fingerprint(key, value):
+    student = [fp.make(fp.learned_params(p, fp.STUDENT_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
+    teacher = [fp.make(fp.learned_params(p, fp.TEACHER_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
+    assert fp.differences(*student) and not fp.differences(*teacher)
+
+
+@pytest.mark.parametrize("key,value", [("tta.views", ["d4"]), ("tta.crop_scale", 0.8), ("train.num_workers", 4),
+                                       ("train.device", "cuda"), ("train.backbones", ["resnet18"]),
+                                       ("distill.timing_images", 16), ("data.competition", "other")])
+def test_inference_only_params_keep_the_fingerprint(key, value):
+    for keys in (fp.TEACHER_PARAMS, fp.STUDENT_PARAMS):
+        assert not fp.differences(fp.make(fp.learned_params(PARAMS, keys), {}),
+                                  fp.make(fp.learned_params(with_value(key, value), keys), {}))
+
+
+def test_a_last_pt_without_fingerprint_is_named_not_a_crash():
+    assert "no fingerprint" in fp.differences(None, fp.make({}, {}))[0]
+    assert fp.differences(fp.make({"a": 1}, {"images.npy": "x"}), fp.make({"a": 1}, {"images.npy": "y"})) == \
+        ["images.npy content changed"]
+
+
+@pytest.fixture(scope="module")
+def small(nndl_prepared, tmp_path_factory) -> Path:
+    """A copy of the prepared real sample (32 px) with a 2-fold folds.csv over 160 of its training cells."""
+    root = tmp_path_factory.mktemp("small")
+    shutil.copytree(nndl_prepared.out, root / "prepared")
+    train = nndl_prepared.index[nndl_prepared.index["split"] == "train"]
+    make_folds(train.sample(160, random_state=0), n=2, group_by="patient", seed=0).to_csv(root / "folds.csv",
+                                                                                          index=False)
+    return root
+
+
+def run(root: Path, out: Path, *, cfg=CFG, aug=AugParams(), pretrained=False, weights_dir="", drop_rate=0.0,
+        learned=None, views=("identity",)) -> dict:
+    return train_fold(root / "prepared", root / "folds.csv", out, backbone="resnet10t", fold=0, cfg=cfg, aug=aug,
+                      pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate, views=list(views),
+                      crop_scale=0.875, params={"test": True}, learned=learned or {"drop_rate": drop_rate})
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory) -> Path:
+    """One finished (resnet10t, fold 0) run of `run()`'s defaults, copied by each test that changes one input."""
+    out = tmp_path_factory.mktemp("trained") / "fold0"
+    run(small, out)
+    return out
+
+
+def rerun(small, trained, tmp_path, caplog, **kwargs) -> tuple[str, Path]:
+    out = tmp_path / "fold0"
+    shutil.copytree(trained, out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run(small, out, **kwargs)
+    return caplog.text, out
+
+
+def test_unchanged_inputs_reuse_the_finished_model_and_tta_only_repredicts(small, trained, tmp_path, caplog):
+    log, out = rerun(small, trained, tmp_path, caplog, views=("identity", "hflip"))
+    assert "not retraining" in log and "Setting aside" not in log
+    assert sha(out / "checkpoint.pt") == sha(trained / "checkpoint.pt")
+    assert sha(out / "last.pt") == sha(trained / "last.pt")
+    before, after = (pd.read_csv(d / "oof.csv") for d in (trained, out))
+    np.testing.assert_allclose(before["prob"], after["prob"], atol=1e-6)  # same model, same plain predictions
+    assert not np.allclose(before["prob_tta"], after["prob_tta"])  # the new TTA views were applied
+    # Curves are rewritten (replayed) every run, so they always match last.pt.
+    curve = pd.read_csv(out / "live/plots/metrics/train_loss.tsv", sep="\t")
+    assert len(curve) == CFG.epochs
+
+
+def corrupt_one_image(root: Path) -> None:
+    images = np.load(root / "prepared/images.npy")
+    images[0] = 255 - images[0]
+    np.save(root / "prepared/images.npy", images)
+
+
+def move_one_image_between_folds(root: Path) -> None:
+    folds = pd.read_csv(root / "folds.csv")
+    folds.loc[0, "fold"] = 1 - folds.loc[0, "fold"]
+    folds.to_csv(root / "folds.csv", index=False)
+
+
+@pytest.mark.parametrize("what", ["data content", "folds", "image size", "augment", "pretrained", "drop rate"])
+def test_a_changed_input_sets_last_pt_aside_and_trains_fresh(what, small, trained, tmp_path, caplog):
+    kwargs, expect = {}, what
+    root = small
+    if what in ("data content", "folds"):
+        root = tmp_path / "copy"
+        shutil.copytree(small, root)
+        (corrupt_one_image if what == "data content" else move_one_image_between_folds)(root)
+        expect = "images.npy" if what == "data content" else "folds.csv"
+    elif what == "image size":
+        kwargs, expect = {"learned": {"drop_rate": 0.0, "data.img_size": 48}}, "data.img_size"
+    elif what == "augment":
+        kwargs, expect = {"aug": AugParams(flip=0.0), "learned": {"drop_rate": 0.0, "augment.flip": 0.0}}, "augment.flip"
+    elif what == "pretrained":
+        weights = tmp_path / "weights"
+        weights.mkdir()
+        torch.save(create_model("resnet10t").state_dict(), weights / "resnet10t.pth")
+        kwargs, expect = {"pretrained": True, "weights_dir": str(weights)}, "weights"
+    elif what == "drop rate":
+        kwargs, expect = {"drop_rate": 0.3}, "drop_rate"
+    log, out = rerun(root, trained, tmp_path, caplog, **kwargs)
+    assert "Setting aside" in log and expect in log.split("Setting aside", 1)[1].splitlines()[0], log
+    assert "Resuming" not in log and "not retraining" not in log
+    assert sha(out / "checkpoint.pt") != sha(trained / "checkpoint.pt")
+    assert len(pd.read_csv(out / "live/plots/metrics/train_loss.tsv", sep="\t")) == CFG.epochs
+
+
+def test_a_killed_run_resumes_with_the_same_inputs(small, tmp_path, caplog, monkeypatch):
+    out = tmp_path / "fold0"
+    real_log_live = engine._log_live
+
+    def killed(live, metrics):
+        raise KeyboardInterrupt  # after epoch 1's last.pt is written, as a Ctrl-C would
+
+    monkeypatch.setattr(engine, "_log_live", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(small, out)
+    monkeypatch.setattr(engine, "_log_live", real_log_live)
+    with caplog.at_level(logging.INFO):
+        run(small, out)
+    assert "Resuming from" in caplog.text and "after epoch 1" in caplog.text and "Setting aside" not in caplog.text
+    assert len(pd.read_csv(out / "live/plots/metrics/train_loss.tsv", sep="\t")) == CFG.epochs
+
+
+def test_an_old_last_pt_without_fingerprint_is_set_aside(small, trained, tmp_path, caplog):
+    out = tmp_path / "fold0"
+    shutil.copytree(trained, out)
+    old = torch.load(out / "last.pt", weights_only=False)
+    old.pop("fingerprint")
+    torch.save(old, out / "last.pt")
+    with caplog.at_level(logging.INFO):
+        run(small, out, cfg=replace(CFG, epochs=1))
+    assert "no fingerprint" in caplog.text
+
+
+def fake_ensemble(root: Path, prepared, shift: float) -> Path:
+    """An ensemble folder with OOF soft targets (labels softened by `shift`) and the metrics distill reads."""
+    d = root / f"ensemble{shift}"
+    d.mkdir(exist_ok=True)
+    train = prepared.index[prepared.index["split"] == "train"]
+    soft = np.where(train["label"].to_numpy() == 1, 1 - shift, shift)
+    pd.DataFrame({"img_name": train["img_name"], "ensemble_tta": soft}).to_csv(d / "oof.csv", index=False)
+    m = {"accuracy": 0.5, "roc_auc": 0.5, "log_loss": 1.0}
+    (d / "metrics.json").write_text(json.dumps({"metrics": {"ensemble": {"test": m}, "ensemble_tta": {"test": m}}}))
+    return d
+
+
+def test_the_student_retrains_when_its_teachers_targets_change(nndl_prepared, tmp_path, caplog):
+    out = tmp_path / "student"
+    kwargs = dict(student="resnet10t", alpha=0.5, temperature=2.0, cfg=replace(CFG, epochs=1, select_best=False),
+                  aug=AugParams(), pretrained=False, weights_dir="", drop_rate=0.0, views=["identity"],
+                  crop_scale=0.875, teacher_column="ensemble_tta", timing_images=8, params={"test": True},
+                  learned={"distill.alpha": 0.5})
+    models = tmp_path / "models"
+    models.mkdir()
+    distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.1), models, out, **kwargs)
+    first = sha(out / "checkpoint.pt")
+    with caplog.at_level(logging.INFO):
+        distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.1), models, out, **kwargs)
+    assert "not retraining" in caplog.text and sha(out / "checkpoint.pt") == first
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.3), models, out, **kwargs)
+    assert "Setting aside" in caplog.text and "soft_targets content changed" in caplog.text
+    assert sha(out / "checkpoint.pt") != first
