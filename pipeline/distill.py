@@ -40,8 +40,9 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
 def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
             temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
             drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
-            params: dict, learned: dict | None = None) -> dict:
+            params: dict, learned: dict | None = None, drop_path_rate: float = 0.0) -> dict:
     """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
+    start = time.perf_counter()
     index, images = load_cache(prepared)
     oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
     if teacher_column not in oof:
@@ -56,7 +57,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
                           {**data_digests(prepared), "soft_targets": fp.array_digest(soft.to_numpy(np.float64)),
                            "weights": weights_digest(student, pretrained, weights_dir)})
     seed_everything(cfg.seed)
-    model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate)
+    model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate)
     norm = data_config(model)
     eval_tf = build_transform(False, aug, **norm)
     train_ds = CellDataset(images[rows], targets(labels[rows], soft.to_numpy()), build_transform(True, aug, **norm),
@@ -73,7 +75,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     write_predictions(model, images, index, split_rows(index, "hidden"), out / "hidden.csv", cfg, views, crop_scale,
                       eval_tf)
     y = labels[test_rows].astype(int)
-    ens = json.loads((ensemble_dir / "metrics.json").read_text())["metrics"]
+    ens = json.loads((ensemble_dir / "scores.json").read_text())["metrics"]
     sample = images[test_rows[:timing_images]]
     teachers = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
     report = {
@@ -91,14 +93,15 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     for name, r in list(report.items())[:4]:
         log.info("%-13s test accuracy %.4f AUC %.4f, %.2f ms/image", name, r["test"]["accuracy"], r["test"]["roc_auc"],
                  r["ms_per_image"])
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    report["minutes"] = {"distill": round((time.perf_counter() - start) / 60, 2)}
+    (out / "scores.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prepared", required=True)
-    parser.add_argument("--ensemble", required=True, help="the ensemble stage's folder (oof.csv, metrics.json)")
+    parser.add_argument("--ensemble", required=True, help="the ensemble stage's folder (oof.csv, scores.json)")
     parser.add_argument("--models", required=True, help="the teachers' checkpoints, for the cost comparison")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -111,7 +114,7 @@ def main() -> None:
             pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,
             crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
-            learned=fp.learned_params(params, fp.STUDENT_PARAMS))
+            learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"])
 
 
 if __name__ == "__main__":

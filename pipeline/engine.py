@@ -21,6 +21,8 @@ from tqdm import tqdm
 from pipeline import fingerprint as fp
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset
+from pipeline import batch_aug
+from pipeline import precision as amp_precision
 from pipeline.metrics import binary_metrics
 from pipeline.tta import apply_view
 
@@ -42,6 +44,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1
     device: str = "auto"
+    precision: str = "auto"    # auto | fp32 | bf16 | fp16 (pipeline.precision.choose resolves it per device and backbone)
+    mixup: float = 0.0         # Beta alpha of mixup (0 = off)
+    cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
+    progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,14 +67,6 @@ def setup_device(device: torch.device) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-def autocast(device: torch.device):
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); full precision on CPU."""
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), (torch.amp.GradScaler() if dtype == torch.float16 else None)
-
-
 def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool, epoch: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > cfg.batch_size,
@@ -80,7 +78,9 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
             views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict") -> np.ndarray:
     """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches."""
     model.eval()
-    amp, _ = autocast(device)
+    # Predictions stay fp32 on the CPU; on a GPU they use the card's fast half precision.
+    amp, _ = amp_precision.autocast(amp_precision.choose("auto", device, "") if device.type == "cuda" else "fp32",
+                                    device)
     out = []
     for x, _ in tqdm(loader(ds, cfg, device, shuffle=False), desc=desc, leave=False, unit="batch", disable=None):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -133,7 +133,11 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     sched = CosineLRScheduler(opt, t_initial=cfg.epochs * steps, lr_min=cfg.lr * 0.01, warmup_t=int(cfg.warmup_epochs * steps),
                               warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
-    amp, scaler = autocast(device)
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
+    precision = amp_precision.choose(cfg.precision, device, arch)
+    amp, scaler = amp_precision.autocast(precision, device)
+    log.info("Training %s on %s in %s (train.precision %s), batch %d", arch, device, precision, cfg.precision,
+             cfg.batch_size)
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False, "history": []}
     last = out_dir / "last.pt"
     current = run_fingerprint(cfg, fingerprint)
@@ -151,10 +155,13 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         model.train()
         train_ds.epoch = epoch  # per-epoch augmentation seeds, copied into fresh workers each epoch
         t0, seen, total = time.perf_counter(), 0, 0.0
+        rng = np.random.default_rng([cfg.seed, epoch])  # per epoch, so a resumed run mixes as an unbroken one
+        size = batch_aug.progressive_size(epoch, cfg.epochs, train_ds.images.shape[1], cfg.progressive)
         for step, (x, y) in enumerate(tqdm(loader(train_ds, cfg, device, shuffle=True, epoch=epoch),
                                            desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
+            x, y = batch_aug.mix(batch_aug.resize(x, size), y, cfg.mixup, cfg.cutmix, rng)
             with amp:
                 loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -171,7 +178,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
             ema.update(model, step=(epoch - 1) * steps + step)
             seen, total = seen + len(x), total + loss.item() * len(x)
         metrics = {"train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
-                   "images_per_s": seen / (time.perf_counter() - t0)}
+                   "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
         if val_ds is not None:
             p = predict(ema.module, val_ds, cfg, device, desc="validate")[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})

@@ -48,6 +48,12 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
     return out
 
 
+def train_minutes(folder: Path) -> float | None:
+    """The train stage's last wall time for one backbone, in minutes (timing.json), if it wrote one."""
+    f = folder / "timing.json"
+    return round(sum(json.loads(f.read_text())["seconds"].values()) / 60, 2) if f.is_file() else None
+
+
 def fit_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative weights summing to 1 (a softmax of free parameters) minimising the blend's log loss."""
     logit = np.log(np.clip(P, 1e-6, 1 - 1e-6) / np.clip(1 - P, 1e-6, 1))
@@ -106,10 +112,11 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
     report["tta_gain"] = {model: {f"{split}_{k}": met[model + "_tta"][split][k] - met[model][split][k]
                                   for split in ("cv", "test") for k in ("accuracy", "roc_auc", "log_loss")}
                           for model in [*backbones, "ensemble"]}
+    report["minutes"] = {f"train@{b}": train_minutes(models / b) for b in backbones}
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
         t.to_csv(out / f"{split}.csv", index=False, float_format="%.6f")
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "scores.json").write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -7,14 +7,16 @@ from torch import nn
 
 
 class LabelLoss(nn.Module):
-    """Cross-entropy against the hard label, with label smoothing (teachers)."""
+    """Cross-entropy against the label (hard, or soft after mixup/CutMix), with label smoothing (teachers)."""
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target[:, 0].long(), label_smoothing=self.label_smoothing)
+        # Class probabilities, not indices: mixup/CutMix make the label soft; for a hard label it is the same loss.
+        y = target[:, 0].detach()
+        return F.cross_entropy(logits, torch.stack([1 - y, y], 1), label_smoothing=self.label_smoothing)
 
 
 class DistillLoss(nn.Module):

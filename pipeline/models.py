@@ -51,11 +51,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path | None = None,
-                 drop_rate: float = 0.0) -> torch.nn.Module:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A timm model with a 2-class head; pretrained weights come from weights_dir if there, else the hub."""
     if arch not in timm.list_models(pretrained=False):
         raise PipelineError(f"Unknown timm backbone {arch!r} in params.yaml; see `timm.list_models('resnet*')`.")
     kwargs = dict(num_classes=NUM_CLASSES, drop_rate=drop_rate)
+    if drop_path_rate > 0:  # stochastic depth; only passed when on, as not every timm family takes it
+        kwargs["drop_path_rate"] = drop_path_rate
     if pretrained:
         file = local_weights(arch, weights_dir)
         if file is not None:

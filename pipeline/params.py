@@ -73,9 +73,20 @@ class Train(Section):
     ema_decay: float = Field(ge=0, lt=1, description="EMA of the weights (with warmup); the EMA model is kept")
     patience: int = Field(ge=1, description="early stopping: epochs without a better validation AUC")
     drop_rate: float = Field(ge=0, lt=1, description="dropout before the classifier")
+    drop_path_rate: float = Field(ge=0, lt=1, description="stochastic depth: max rate of dropping a residual "
+                                                           "branch (0 = off)")
+    mixup: float = Field(ge=0, le=10, description="mixup: Beta alpha of the mixing weight (0 = off); labels and "
+                                                  "distillation targets mix with the images")
+    cutmix: float = Field(ge=0, le=10, description="CutMix: Beta alpha of the pasted area (0 = off); with mixup on "
+                                                   "too, each takes half the batches")
+    progressive: float = Field(gt=0, le=1, description="progressive resizing: first epoch at this fraction of "
+                                                       "data.img_size, full size from the middle epoch (1 = off)")
     pretrained: bool = Field(description="start from ImageNet weights (train.weights_dir, else the HF hub)")
     weights_dir: str = Field(description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto uses a CUDA GPU when one is visible")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        description="auto: bf16 on GPUs with native bf16, else fp16; on CPUs with native bf16 for backbones "
+                    "measured faster in it (ResNet, DenseNet), else fp32. Predictions on the CPU stay fp32")
     num_workers: int = Field(ge=0, le=256, description="DataLoader augmentation workers")
     seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
 

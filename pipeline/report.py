@@ -23,9 +23,9 @@ def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, st
             live = Path(models, b, f"fold{k}", "live")
             for name in ("metrics.json", *(f"plots/metrics/{m}.tsv" for m in LIVE_METRICS)):
                 need[live / name] = f"train@{b}"
-    for name in ("oof.csv", "test.csv", "metrics.json"):
+    for name in ("oof.csv", "test.csv", "scores.json"):
         need[Path(ensemble, name)] = "ensemble"
-    for name in ("test.csv", "metrics.json", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
+    for name in ("test.csv", "scores.json", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
         need[Path(student, name)] = "distill"
     need[Path(submissions, "leaderboard.csv")] = "submit"
     return need

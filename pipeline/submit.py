@@ -39,14 +39,15 @@ def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, name: str = "su
 
 
 def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, out: Path, *,
-                     backbones: list[str]) -> pd.DataFrame:
-    """One CSV per model (each backbone, ensemble, student) with and without TTA, and leaderboard.csv."""
+                     backbones: list[str], metrics_json: Path | None = None) -> pd.DataFrame:
+    """One CSV per model (each backbone, ensemble, student) with and without TTA, leaderboard.csv, and the
+    run's headline metrics in `metrics_json`."""
     sample = pd.read_csv(sample_csv, dtype={"img_name": str})
     hidden = pd.read_csv(ensemble_dir / "hidden.csv", dtype={"img_name": str}).set_index("img_name")
     student = pd.read_csv(student_dir / "hidden.csv", dtype={"img_name": str}).set_index("img_name")
     hidden["student"], hidden["student_tta"] = student["prob"], student["prob_tta"]
-    metrics = json.loads((ensemble_dir / "metrics.json").read_text())["metrics"]
-    smetrics = json.loads((student_dir / "metrics.json").read_text())
+    metrics = json.loads((ensemble_dir / "scores.json").read_text())["metrics"]
+    smetrics = json.loads((student_dir / "scores.json").read_text())
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for model in [*backbones, "ensemble", "student"]:
@@ -68,7 +69,23 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
                                            na_position="last")
     board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
     log.info("Local leaderboard (labelled test set):\n%s", board.to_string(index=False))
+    if metrics_json is not None:
+        minutes = {**json.loads((ensemble_dir / "scores.json").read_text()).get("minutes", {}),
+                   **smetrics.get("minutes", {})}
+        metrics_json.write_text(json.dumps(headline(board, minutes), indent=2))
     return board
+
+
+def headline(board: pd.DataFrame, minutes: dict) -> dict:
+    """The few numbers `dvc metrics show` / `dvc exp show` compare: per model (no TTA / TTA) CV and test
+    accuracy and ROC AUC, the leaderboard's best file, and the minutes of the stages that cost."""
+    r4 = lambda v: None if pd.isna(v) else round(float(v), 4)
+    models = {row["file"].removesuffix(".csv"): {k: r4(row[k]) for k in ("cv_accuracy", "cv_roc_auc", "test_accuracy",
+                                                                         "test_roc_auc")}
+              for _, row in board.iterrows()}
+    best = board.iloc[0]
+    return {"models": models, "best": {"file": best["file"], "test_accuracy": r4(best["test_accuracy"])},
+            "minutes": minutes}
 
 
 def git_commit() -> str:
@@ -116,11 +133,12 @@ def main() -> None:
     parser.add_argument("--student", default="data/student")
     parser.add_argument("--sample", default="data/prepared/sample_submission.csv", type=Path)
     parser.add_argument("--out", default="submissions/latest", type=Path)
+    parser.add_argument("--metrics", type=Path, help="(with --make) the headline metrics JSON to write")
     args = parser.parse_args()
     params = load_params()
     if args.make:
         make_submissions(Path(args.ensemble), Path(args.student), args.sample, args.out,
-                         backbones=params["train"]["backbones"])
+                         backbones=params["train"]["backbones"], metrics_json=args.metrics)
         return
     leaderboard = args.out / "leaderboard.csv"
     file = args.file

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fold: int, cfg: TrainConfig,
                aug: AugParams, pretrained: bool, weights_dir: str, drop_rate: float, views: list[str],
-               crop_scale: float, params: dict, learned: dict | None = None) -> dict:
+               crop_scale: float, params: dict, learned: dict | None = None, drop_path_rate: float = 0.0) -> dict:
     """Train (or resume, or reuse) one (backbone, fold) model and write its predictions.
 
     `learned` is the flat map of params that shape the weights (pipeline.fingerprint.learned_params)."""
@@ -40,7 +42,8 @@ def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fol
                           {**data_digests(prepared, folds_csv),
                            "weights": weights_digest(backbone, pretrained, weights_dir)})
     seed_everything(cfg.seed)
-    model = create_model(backbone, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate)
+    model = create_model(backbone, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate)
     norm = data_config(model)
     train_tf = build_transform(True, aug, **norm)
     eval_tf = build_transform(False, aug, **norm)
@@ -88,12 +91,17 @@ def main() -> None:
         remove_stale_folds(out, all_folds)
     views = expand_views(tta["views"])
     learned = fp.learned_params(params, fp.TEACHER_PARAMS)
+    seconds = {}
     for k in chosen:
+        start = time.perf_counter()
         train_fold(Path(args.prepared), folds_csv, out / f"fold{k}", backbone=args.backbone, fold=k,
                    cfg=train_config(p, derived_seed(p["seed"], args.backbone, k)), aug=AugParams(**params["augment"]),
                    pretrained=p["pretrained"], weights_dir=p["weights_dir"], drop_rate=p["drop_rate"], views=views,
-                   crop_scale=tta["crop_scale"], learned=learned,
+                   crop_scale=tta["crop_scale"], learned=learned, drop_path_rate=p["drop_path_rate"],
                    params={"train": p, "augment": params["augment"], "img_size": params["data"]["img_size"]})
+        seconds[f"fold{k}"] = round(time.perf_counter() - start, 1)
+    # This run's wall time per fold (training, or only predicting when reused), for the headline metrics.
+    (out / "timing.json").write_text(json.dumps({"seconds": seconds}, indent=2))
 
 
 if __name__ == "__main__":

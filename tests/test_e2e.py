@@ -82,7 +82,7 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     check_executed_report(project)
     assert "didn't change" in dvc(project, "repro").stdout
     shown = dvc(project, "metrics", "show").stdout
-    assert "data/ensemble/metrics.json" in shown
+    assert "data/metrics.json" in shown and "models.ensemble.cv_accuracy" in shown
     # A finished backbone forced to run again is not retrained and keeps its curves.
     again = dvc(project, "repro", "-f", "-s", "train@resnet10t")
     assert (again.stderr + again.stdout).count("not retraining") == 2  # both folds

@@ -158,9 +158,9 @@ def test_execute_names_the_failing_cell(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     nb = tiny_notebook(tmp_path / "nb.ipynb", "# read the student's scores\n"
-                                              "open('data/student/metrics.json')")
+                                              "open('data/student/scores.json')")
     with pytest.raises(PipelineError) as e:
         execute(nb, tmp_path / "out.ipynb", tmp_path / "out.html", {"x": 1})
     msg = str(e.value)
-    assert "cell 2 (# read the student's scores)" in msg and "data/student/metrics.json" in msg
+    assert "cell 2 (# read the student's scores)" in msg and "data/student/scores.json" in msg
     assert (tmp_path / "out.ipynb").is_file() and not (tmp_path / "out.html").exists()

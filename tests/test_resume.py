@@ -190,7 +190,7 @@ def fake_ensemble(root: Path, prepared, shift: float) -> Path:
     soft = np.where(train["label"].to_numpy() == 1, 1 - shift, shift)
     pd.DataFrame({"img_name": train["img_name"], "ensemble_tta": soft}).to_csv(d / "oof.csv", index=False)
     m = {"accuracy": 0.5, "roc_auc": 0.5, "log_loss": 1.0}
-    (d / "metrics.json").write_text(json.dumps({"metrics": {"ensemble": {"test": m}, "ensemble_tta": {"test": m}}}))
+    (d / "scores.json").write_text(json.dumps({"metrics": {"ensemble": {"test": m}, "ensemble_tta": {"test": m}}}))
     return d
 
 

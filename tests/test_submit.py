@@ -136,11 +136,11 @@ def inputs(tmp_path: Path) -> dict:
     blend = {"ensemble": {"method": "mean", "weights": dict.fromkeys(BACKBONES, 0.5), "threshold": ENSEMBLE_THRESHOLD},
              "ensemble_tta": {"method": "mean", "weights": dict.fromkeys(BACKBONES, 0.5),
                               "threshold": ENSEMBLE_TTA_THRESHOLD}}
-    (ens / "metrics.json").write_text(json.dumps({"blend": blend, "metrics": metrics}))
+    (ens / "scores.json").write_text(json.dumps({"blend": blend, "metrics": metrics}))
     # The student's file in yet another order: rows must be matched by name.
     student = pd.DataFrame({"img_name": IDS, "prob": rng.permutation(grid), "prob_tta": rng.permutation(grid)})
     student.iloc[::-1].to_csv(stu / "hidden.csv", index=False, float_format="%.6f")
-    (stu / "metrics.json").write_text(json.dumps({
+    (stu / "scores.json").write_text(json.dumps({
         "student": {"test": _metrics(TEST_ACC["student"]), "ms_per_image": 0.5},
         "student_tta": {"test": _metrics(TEST_ACC["student_tta"]), "ms_per_image": 4.0},
         "ensemble": {"test": _metrics(TEST_ACC["ensemble"]), "n_models": 10, "ms_per_image": 5.0},
@@ -304,3 +304,15 @@ def test_cli_invalid_file_exits_1_with_one_clear_line(made, tmp_path):
     assert r.returncode == 1
     assert f"{N - 1} rows, expected {N}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_headline_metrics_hold_each_file_and_the_best(inputs, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    make_submissions(inputs["ens"], inputs["stu"], inputs["sample"], inputs["out"], backbones=BACKBONES,
+                     metrics_json=metrics)
+    m = json.loads(metrics.read_text())
+    best = max(TEST_ACC, key=TEST_ACC.get)
+    assert m["best"] == {"file": f"{best}.csv", "test_accuracy": pytest.approx(TEST_ACC[best], abs=1e-4)}
+    assert set(m["models"]) == set(TEST_ACC)
+    assert m["models"]["resnet10t_tta"]["cv_accuracy"] == pytest.approx(TEST_ACC["resnet10t_tta"] - 0.01, abs=1e-4)
+    assert m["models"]["student"]["cv_accuracy"] is None  # no CV for the student: null, not NaN

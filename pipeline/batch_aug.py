@@ -1,0 +1,42 @@
+"""Batch-level training tricks applied in the training loop: mixup / CutMix on images and targets, progressive resizing."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data.mixup import cutmix_bbox_and_lam
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, rng: np.random.Generator
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (each half of the batches when both alphas are > 0) with the reversed batch as partner, as
+    timm's Mixup pairs them. Every target column ([label, teacher probability]) mixes with the same lambda, so the
+    2-class targets stay distributions and the distillation target follows the pixels."""
+    if mixup <= 0 and cutmix <= 0:
+        return x, y
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    if use_cutmix:
+        (top, bottom, left, right), lam = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+        x = x.clone()
+        x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
+    else:
+        x = x * lam + x.flip(0) * (1 - lam)
+    return x, y * lam + y.flip(0) * (1 - lam)
+
+
+def progressive_size(epoch: int, epochs: int, full: int, start: float) -> int:
+    """Side for `epoch` (1-based): from start * full in the first epoch rising linearly to full by the middle
+    epoch, full from then on (start 1.0 = off). A multiple of 8, so strided backbones see whole feature maps."""
+    if start >= 1 or epochs <= 1:
+        return full
+    ramp = max(1, epochs // 2)
+    frac = start + (1 - start) * min(1.0, (epoch - 1) / ramp)
+    return int(min(full, max(8, round(full * frac / 8) * 8)))
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The batch at size x size (antialiased when shrinking), from the one full-size cache."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1], align_corners=False)
