@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data.mixup import cutmix_bbox_and_lam
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, rng: np.random.Generator
@@ -17,7 +16,14 @@ def mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, rng: np.r
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
     lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
     if use_cutmix:
-        (top, bottom, left, right), lam = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+        # The box of timm's rand_bbox, drawn from `rng` (timm draws from the global numpy state, which a resumed
+        # run does not restore); lam is corrected to the pasted area as timm's correct_lam does.
+        h, w = x.shape[-2:]
+        cut_h, cut_w = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, h)
+        left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, w)
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
         x = x.clone()
         x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
     else:

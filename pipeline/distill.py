@@ -40,7 +40,8 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
 def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
             temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
             drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
-            params: dict, learned: dict | None = None, drop_path_rate: float = 0.0) -> dict:
+            params: dict, learned: dict | None = None, drop_path_rate: float = 0.0,
+            backbones: list[str] = ()) -> dict:
     """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
     start = time.perf_counter()
     index, images = load_cache(prepared)
@@ -54,7 +55,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
                             f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
     fingerprint = fp.make({**(learned or {}), "model.student": student},
-                          {**data_digests(prepared), "soft_targets": fp.array_digest(soft.to_numpy(np.float64)),
+                          {**data_digests(prepared), "soft_targets": fp.array_digest(np.round(soft.to_numpy(np.float64), 4)),
                            "weights": weights_digest(student, pretrained, weights_dir)})
     seed_everything(cfg.seed)
     model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
@@ -77,7 +78,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     y = labels[test_rows].astype(int)
     ens = json.loads((ensemble_dir / "scores.json").read_text())["metrics"]
     sample = images[test_rows[:timing_images]]
-    teachers = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
+    teachers = sorted(p for b in backbones for p in (models_dir / b).glob("fold*/checkpoint.pt"))
     report = {
         "student": {"test": binary_metrics(y, test["prob"]),
                     "ms_per_image": ms_per_image([ckpt], sample, cfg, ["identity"], crop_scale, aug)},
@@ -114,7 +115,8 @@ def main() -> None:
             pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,
             crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
-            learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"])
+            learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"],
+            backbones=t["backbones"])
 
 
 if __name__ == "__main__":

@@ -14,8 +14,21 @@ TEACHER_PARAMS = ("data.img_size", "folds", "train", "augment")
 STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 # Keys inside those sections that change only inference, speed or bookkeeping: changing them re-predicts
 # from the finished checkpoint instead of retraining (every other key retrains).
-INFERENCE_ONLY = frozenset({"train.backbones", "train.folds", "train.device", "train.num_workers",
-                            "train.weights_dir", "distill.timing_images"})
+INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
+                            "distill.timing_images"})
+# The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
+TRAINING_CODE = ("engine.py", "losses.py", "batch_aug.py", "transforms.py", "dataset.py", "precision.py", "models.py")
+
+
+def code_digest() -> str:
+    """sha256 over the training code and the torch/timm versions."""
+    import timm
+    import torch
+
+    h = hashlib.sha256(f"torch {torch.__version__} timm {timm.__version__}".encode())
+    for name in TRAINING_CODE:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

@@ -112,15 +112,21 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     return model.to(device).eval(), ckpt
 
 
-def check_backbone(arch: str, img_size: int, key: str) -> None:
-    """Fail naming `key` unless timm knows `arch` and it runs at img_size (then with the smallest size that works)."""
+def check_backbone(arch: str, img_size: int, key: str, drop_path_rate: float = 0.0, size_key: str = "data.img_size"
+                   ) -> None:
+    """Fail naming `key` unless timm knows `arch`, builds it with drop_path_rate and it runs at img_size (else name
+    the smallest size that works)."""
     if not timm.is_model(arch):
         import difflib
 
         close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         raise PipelineError(f"{key}: {arch!r} is not a timm model" +
                             (f"; close names: {', '.join(close)}." if close else "; see `timm.list_models('resnet*')`."))
-    model = timm.create_model(arch, num_classes=NUM_CLASSES).eval()
+    try:
+        model = create_model(arch, drop_path_rate=drop_path_rate).eval()
+    except TypeError as e:  # e.g. DenseNet has no stochastic depth
+        raise PipelineError(f"{key}: {arch} cannot be built with train.drop_path_rate {drop_path_rate} ({e}); set "
+                            "train.drop_path_rate: 0 or choose another backbone.") from None
 
     def runs(size: int) -> bool:
         try:
@@ -134,9 +140,10 @@ def check_backbone(arch: str, img_size: int, key: str) -> None:
         return
     lo, hi = img_size, 1024  # bisect for the smallest size that runs, the first that fails being lo
     if not runs(hi):
-        raise PipelineError(f"{key}: {arch} does not run at data.img_size {img_size} (nor at {hi}).")
+        raise PipelineError(f"{key}: {arch} does not run at {size_key} {img_size} (nor at {hi}).")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if runs(mid) else (mid, hi)
-    raise PipelineError(f"{key}: {arch} cannot run at data.img_size {img_size}; the smallest size it runs at is "
-                        f"{hi}. Raise data.img_size to at least {hi} or choose another backbone.")
+    raise PipelineError(f"{key}: {arch} cannot run at {size_key} {img_size}; the smallest size it runs at is "
+                        f"{hi}. Raise data.img_size (or train.progressive) so every size is at least {hi}, or choose "
+                        "another backbone.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -89,6 +90,13 @@ class Train(Section):
                     "measured faster in it (ResNet, DenseNet), else fp32. Predictions on the CPU stay fp32")
     num_workers: int = Field(ge=0, le=256, description="DataLoader augmentation workers")
     seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
+
+    @field_validator("precision")
+    @classmethod
+    def _fp16_needs_cuda(cls, precision: str, info: ValidationInfo) -> str:
+        if precision == "fp16" and info.data.get("device") == "cpu":
+            raise ValueError("fp16 needs a CUDA GPU; with train.device cpu use auto, fp32 or bf16")
+        return precision
 
     @field_validator("backbones")
     @classmethod
@@ -209,13 +217,24 @@ def describe(e: ValidationError, file: str | Path) -> str:
     return f"{file}: " + (lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines))
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`); DVC and YAML 1.2 read a number, so do we."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     """params.yaml checked against the schema, as plain typed values; a PipelineError names every bad key."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} is missing; run from the project's root folder (where dvc.yaml is).")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Floats)
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {e}") from None
     try:

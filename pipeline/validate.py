@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.batch_aug import progressive_size
 from pipeline.common import run_main
 from pipeline.models import check_backbone
 from pipeline.params import load_params
@@ -15,10 +16,13 @@ log = logging.getLogger(__name__)
 def validate(params_file: Path) -> dict:
     """The checked params; raises a PipelineError naming the first bad key."""
     params = load_params(params_file)
-    size = params["data"]["img_size"]
-    for i, name in enumerate(params["train"]["backbones"]):
-        check_backbone(name, size, f"train.backbones[{i}]")
-    check_backbone(params["distill"]["student"], size, "distill.student")
+    t = params["train"]
+    # The smallest side a model sees: the first epoch's under progressive resizing, else data.img_size.
+    size = progressive_size(1, t["epochs"], params["data"]["img_size"], t["progressive"])
+    size_key = "data.img_size" if t["progressive"] >= 1 else "the first epoch's size (train.progressive)"
+    for i, name in enumerate(t["backbones"]):
+        check_backbone(name, size, f"train.backbones[{i}]", t["drop_path_rate"], size_key)
+    check_backbone(params["distill"]["student"], size, "distill.student", t["drop_path_rate"], size_key)
     return params
 
 

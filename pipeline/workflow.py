@@ -32,7 +32,7 @@ def derived_seed(seed: int, *parts) -> int:
 def data_digests(prepared: Path, *files: Path) -> dict[str, str]:
     """Content digests of the prepared cache and any other data file a model learns from (the folds CSV)."""
     paths = [prepared / "images.npy", prepared / "index.csv", *files]
-    return {p.name: fp.file_digest(p) for p in paths}
+    return {**{p.name: fp.file_digest(p) for p in paths}, "training code": fp.code_digest()}
 
 
 def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
@@ -47,14 +47,19 @@ def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfi
     return df
 
 
-def _checkpoint_differences(ckpt: Path, fingerprint: dict) -> list[str]:
-    """What differs between the kept checkpoint's inputs and this run's (empty when it belongs to this run)."""
+def _checkpoint_differences(ckpt: Path, last: Path, fingerprint: dict) -> list[str]:
+    """What differs between the kept checkpoint's inputs and this run's, or between it and the epoch last.pt
+    says was kept (a kill between writing the two); empty when both belong to this run."""
     if not ckpt.is_file():
         return [f"{ckpt} is missing"]
     try:
-        return fp.differences(torch.load(ckpt, map_location="cpu", weights_only=False).get("fingerprint"), fingerprint)
+        kept = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=False).get("state", {})
     except Exception as e:  # a truncated or foreign file: it does not belong to this run
-        return [f"{ckpt} cannot be read ({type(e).__name__})"]
+        return [f"{ckpt} or {last} cannot be read ({type(e).__name__})"]
+    if kept.get("epoch") != state.get("best_epoch"):
+        return [f"{ckpt} holds epoch {kept.get('epoch')} but {last} kept epoch {state.get('best_epoch')}"]
+    return fp.differences(kept.get("fingerprint"), fingerprint)
 
 
 def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
@@ -68,7 +73,7 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
 
     ckpt, last = out / "checkpoint.pt", out / "last.pt"
     # The kept checkpoint belongs to last.pt's run: if it was trained on other inputs (or is gone), so was last.pt.
-    if last.is_file() and (diff := _checkpoint_differences(ckpt, fingerprint)):
+    if last.is_file() and (diff := _checkpoint_differences(ckpt, last, fingerprint)):
         log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
         last.unlink()
     # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.

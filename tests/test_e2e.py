@@ -22,8 +22,10 @@ def project_copy(tmp: Path, **overrides) -> Path:
     """Copy the tracked project files to tmp, apply dotted-key param overrides, and commit (dvclive needs a commit)."""
     dst = tmp / "project"
     dst.mkdir()
-    for name in ("pipeline", "notebooks", "submissions", ".dvc", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+    for name in ("pipeline", "notebooks", "submissions", "data/demo.zip", "data/.gitignore", ".dvc", "dvc.yaml",
+                 "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / name
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         elif src.exists():
@@ -45,14 +47,15 @@ def dvc(project: Path, *args: str, ok: bool = True) -> subprocess.CompletedProce
 
 
 def test_synthetic_default_data_stages(tmp_path):
-    """The offline default: generated data through download, prepare and folds; a second repro is a no-op."""
-    project = project_copy(tmp_path, **{"data.synthetic": {"n_train": 60, "n_test": 20, "n_hidden": 20},
+    """Generated data (offline) through download, prepare and folds; a second repro is a no-op."""
+    project = project_copy(tmp_path, **{"data.source": "synthetic",
+                                        "data.synthetic": {"n_train": 60, "n_test": 20, "n_hidden": 20},
                                         "data.img_size": 32})
     dvc(project, "repro", "folds")
     index = pd.read_csv(project / "data/prepared/index.csv")
     assert index["split"].value_counts().to_dict() == {"train": 60, "test": 20, "hidden": 20}
     folds = pd.read_csv(project / "data/folds.csv")
-    assert sorted(folds["fold"].unique()) == list(range(5))
+    assert sorted(folds["fold"].unique()) == list(range(3))
     assert "didn't change" in dvc(project, "repro", "folds").stdout
 
 
@@ -113,7 +116,7 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     folds = pd.read_csv(project / "data/folds.csv")
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
     for b in ("resnet10t", "efficientnet_b0"):
-        assert sorted(d.name for d in (project / "data/models" / b).iterdir()) == ["fold0", "fold1", "fold2"]
+        assert sorted(d.name for d in (project / "data/models" / b).glob("fold*")) == ["fold0", "fold1", "fold2"]
     oof = pd.read_csv(project / "data/ensemble/oof.csv")
     assert sorted(oof["img_name"]) == sorted(folds["img_name"]) and oof["ensemble"].notna().all()
     check_executed_report(project)

@@ -59,7 +59,8 @@ BAD = [  # key, bad value, words the message must hold besides the key
     ("augment.flip", 1.5, ["1.5", "less than or equal to 1"]),
     ("train.backbones", ["resnet10tt"], ["'resnet10tt' is not a timm model", "resnet10t"]),
     ("distill.student", "efficientnet_b00", ["not a timm model", "efficientnet_b0"]),
-    ("train.backbones", ["inception_v3"], ["inception_v3 cannot run at data.img_size 64", "smallest size it runs at is 75"]),
+    ("train.backbones", ["inception_v3"], [f"inception_v3 cannot run at data.img_size {PARAMS['data']['img_size']}",
+                                           "smallest size it runs at is 75"]),
 ]
 
 
@@ -125,3 +126,30 @@ def test_a_fresh_clone_has_the_eight_top_level_names(tmp_path):
     for name in ("pipeline", "data", "notebooks", "submissions", "params.yaml", "dvc.yaml", "requirements.txt",
                  "README.md"):
         assert name in top, f"{name} is not in git, so a fresh clone lacks it"
+
+
+def test_yaml_1_2_numbers_are_numbers(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("lr: 0.003 ", "lr: 3e-3  ")
+    assert "lr: 3e-3" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml")["train"]["lr"] == 0.003  # PyYAML alone reads the string '3e-3'
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("train.drop_path_rate", 0.1, ["train.backbones[2]: densenet121 cannot be built with train.drop_path_rate 0.1"]),
+    ("train.precision", "fp16", []),
+])
+def test_combinations_that_cannot_run_are_stopped(key, value, words, tmp_path, monkeypatch, capsys):
+    params = with_value(key, value)
+    if key == "train.precision":
+        params = with_value("train.device", "cpu", params)
+        words = ["train.precision: 'fp16' is not allowed: fp16 needs a CUDA GPU"]
+    code, err = run_validate(params, tmp_path, monkeypatch, capsys)
+    assert code == 1 and all(w in err for w in words), err
+
+
+def test_progressive_resizing_checks_the_smallest_size(tmp_path, monkeypatch, capsys):
+    params = with_value("train.backbones", ["inception_v3"], with_value("data.img_size", 96))
+    assert run_validate(params, tmp_path, monkeypatch, capsys)[0] == 0
+    code, err = run_validate(with_value("train.progressive", 0.5, params), tmp_path, monkeypatch, capsys)
+    assert code == 1 and "cannot run at the first epoch's size (train.progressive) 48" in err, err

@@ -34,7 +34,7 @@ def sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("key,value", [
-    ("data.img_size", 96), ("folds.n", 3), ("folds.seed", 1), ("train.epochs", 9), ("train.lr", 0.01),
+    ("data.img_size", 96), ("folds.n", 7), ("folds.seed", 1), ("train.epochs", 9), ("train.lr", 0.01),
     ("train.pretrained", True), ("train.drop_rate", 0.3), ("train.seed", 1), ("augment.flip", 0.0),
     ("augment.rotate", 45)])
 def test_learning_params_change_the_fingerprint(key, value):
