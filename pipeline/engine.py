@@ -144,6 +144,8 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     if (ck := resume_state(last, current)) is not None:
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         state = ck["state"]
         log.info("Resuming from %s after epoch %d (same params and data)", last, state["epoch"])
         for metrics in state["history"]:
@@ -195,7 +197,8 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         state["done"] = epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience)
         # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
         torch.save({"fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state}, last.with_suffix(".tmp"))
+                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state,
+                    "scaler": scaler.state_dict() if scaler is not None else None}, last.with_suffix(".tmp"))
         last.with_suffix(".tmp").replace(last)
         _log_live(live, metrics)
         if state["done"]:
