@@ -54,8 +54,10 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
                             f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
+    # Soft targets rounded: a GPU's half-precision noise in the teachers' OOF must not retrain the student.
+    targets_digest = fp.array_digest(np.round(soft.to_numpy(np.float64), 4))
     fingerprint = fp.make({**(learned or {}), "model.student": student},
-                          {**data_digests(prepared), "soft_targets": fp.array_digest(np.round(soft.to_numpy(np.float64), 4)),
+                          {**data_digests(prepared), "soft_targets": targets_digest,
                            "weights": weights_digest(student, pretrained, weights_dir)})
     seed_everything(cfg.seed)
     model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,

@@ -18,11 +18,11 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline import batch_aug
 from pipeline import fingerprint as fp
+from pipeline import precision as amp_precision
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset
-from pipeline import batch_aug
-from pipeline import precision as amp_precision
 from pipeline.metrics import binary_metrics
 from pipeline.tta import apply_view
 
@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1
     device: str = "auto"
-    precision: str = "auto"    # auto | fp32 | bf16 | fp16 (pipeline.precision.choose resolves it per device and backbone)
+    precision: str = "auto"    # auto | fp32 | bf16 | fp16, resolved per device and backbone by precision.choose
     mixup: float = 0.0         # Beta alpha of mixup (0 = off)
     cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
     progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)

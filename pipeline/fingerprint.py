@@ -1,6 +1,7 @@
 """Resume fingerprints: everything that decides a model's weights, so a last.pt is resumed only when all of it is unchanged."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,7 +33,14 @@ def code_digest() -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (the prepared cache, the folds CSV, a weights file)."""
+    """sha256 of a file's bytes (the prepared cache, the folds CSV, a weights file); a stage training several folds
+    hashes the same cache once, a file rewritten in between (new size or mtime) again."""
+    stat = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -10,6 +10,7 @@ import timm
 import torch
 
 from pipeline.common import PipelineError
+from pipeline.fingerprint import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ def weights_digest(arch: str, pretrained: bool, weights_dir: str | Path | None) 
         return "none (from scratch)"
     file = local_weights(arch, weights_dir)
     if file is not None:
-        from pipeline.fingerprint import file_digest
-
         return f"{file.name}:{file_digest(file)}"
     cfg = timm.models.get_pretrained_cfg(arch)
     return f"hub:{cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else arch}"
