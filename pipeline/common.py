@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,3 +50,14 @@ def seed_everything(seed: int) -> None:
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
+
+
+def git_commit() -> str:
+    """The short commit of the working tree, with -dirty when tracked files differ; unknown outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

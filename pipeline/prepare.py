@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from pipeline.common import PipelineError, is_image_file, run_main, slide_group
+from pipeline.images import decode
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
@@ -98,16 +97,6 @@ def scan_public(root: Path) -> pd.DataFrame:
                     raise PipelineError(f"{name} is both in {rows[name]['path'].parent} and {folder}.")
                 rows.setdefault(name, {"img_name": name, "label": label, "split": "train", "path": path})
     return pd.DataFrame(list(rows.values()))
-
-
-def decode(path: Path, size: int) -> tuple[np.ndarray, int, int, str]:
-    """Decode one image to RGB at size x size; returns the array, original width/height and a pixel hash."""
-    with Image.open(path) as im:
-        im.load()
-        w, h = im.size
-        rgb = im.convert("RGB")  # RGBA, grayscale and palette images all become RGB
-    digest = hashlib.sha1(np.asarray(rgb).tobytes() + f"{w}x{h}".encode()).hexdigest()
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR)), w, h, digest
 
 
 def decode_all(df: pd.DataFrame, size: int, workers: int = 4) -> np.ndarray:

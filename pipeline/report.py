@@ -1,21 +1,36 @@
-"""Stage `report`: check the run's outputs, execute notebooks/report.ipynb on them with nbclient, export HTML."""
+"""Stage `report`: check the run's outputs, run notebooks/report.ipynb (nbclient); write HTML, PDF, model card."""
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import time
 from pathlib import Path
 
 from pipeline.common import PipelineError, run_main
+from pipeline.model_card import model_card
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 
 LIVE_METRICS = ("train_loss", "val_log_loss", "val_roc_auc", "val_accuracy")  # the learning curves drawn
+# Print rules (WeasyPrint's media, and a browser's print): A4, figures fit the page, no figure or table cut in two.
+PRINT_CSS = """<style>@media print {
+  @page { size: A4; margin: 14mm 12mm 16mm;
+          @bottom-right { content: counter(page) " / " counter(pages); font-size: 8pt; color: #777; } }
+  body { font-size: 10pt; }
+  img { max-width: 100% !important; height: auto !important; }
+  img, svg, table, pre, .jp-OutputArea-child, .jp-RenderedImage { break-inside: avoid; }
+  h1, h2, h3, h4, .jp-MarkdownCell { break-after: avoid; }  /* a heading or text stays with what follows */
+  .jp-RenderedHTMLCommon table { table-layout: auto !important; font-size: 7.5pt !important; max-width: 100%; }
+  .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { padding: 0.25em 0.45em !important; }
+  .highlight pre { font-family: monospace; font-size: 8.5pt; background: #f5f5f5; padding: 0.6em; }
+}</style>"""
 
 
 def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, student: str, submissions: str,
-                    backbones: list[str], n_folds: int) -> dict[Path, str]:
+                    export: str, backbones: list[str], n_folds: int) -> dict[Path, str]:
     """Every file the notebook reads, with the DVC stage that writes it."""
     need = {Path(prepared, "index.csv"): "prepare", Path(prepared, "images.npy"): "prepare", Path(folds): "folds"}
     for b in backbones:
@@ -28,6 +43,8 @@ def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, st
     for name in ("test.csv", "scores.json", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
         need[Path(student, name)] = "distill"
     need[Path(submissions, "leaderboard.csv")] = "submit"
+    for name in ("scores.json", "model.json"):
+        need[Path(export, name)] = "export"
     return need
 
 
@@ -80,12 +97,11 @@ def first_error(nb) -> str:
     return "no cell has an error output"
 
 
-def execute(notebook: Path, executed: Path, html: Path, parameters: dict, timeout: int = 1200) -> None:
-    """Run every cell in a fresh kernel in the working directory; write the executed notebook and its HTML."""
+def execute(notebook: Path, executed: Path, html: Path, parameters: dict, timeout: int = 1200):
+    """Run every cell in a fresh kernel in the working directory; write (and return) the executed notebook and HTML."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-    from nbconvert import HTMLExporter
 
     nb = nbformat.read(notebook, as_version=4)
     inject_parameters(nb, parameters)
@@ -103,13 +119,58 @@ def execute(notebook: Path, executed: Path, html: Path, parameters: dict, timeou
     if (where := first_error(nb)) != "no cell has an error output":
         raise PipelineError(f"{notebook}: {where}.")
     nbformat.write(nb, executed)
-    exporter = HTMLExporter(embed_images=True)
-    exporter.log.setLevel(logging.ERROR)  # not a warning per figure that outputs have no alt text
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "report"}})
-    html.parent.mkdir(parents=True, exist_ok=True)
-    html.write_text(body, encoding="utf-8")
+    body = to_html(nb)
+    write_text(html, body)
     n_images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     log.info("Wrote %s (%d figures) and %s (%.1f MB)", executed, n_images, html, len(body) / 1e6)
+    return nb
+
+
+def to_html(nb, *, no_input: bool = False) -> str:
+    """One self-contained HTML page (figures embedded, print CSS); no_input hides code cells and their prompts."""
+    from nbconvert import HTMLExporter
+
+    hide = dict(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True) if no_input else {}
+    exporter = HTMLExporter(embed_images=True, **hide)
+    exporter.log.setLevel(logging.ERROR)  # not a warning per figure that outputs have no alt text
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "report"}})
+    # A zero-width space after each `_` of a table header: a wide table's headers (test_roc_auc) wrap to fit a page.
+    body = re.sub(r"<th([^>]*)>([^<]*)</th>", lambda m: f"<th{m[1]}>{m[2].replace('_', '_&#8203;')}</th>", body)
+    return body.replace("</head>", PRINT_CSS + "\n</head>", 1)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text, making the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def write_pdf(html: str, pdf: Path) -> int:
+    """Render HTML to a PDF with WeasyPrint, offline (only data: and file: URLs are read); returns the page count."""
+    # WeasyPrint warns once per browser-only rule of the notebook theme's CSS (~200); failed loads are errors.
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # font subsetting logs every table at INFO
+    try:
+        import weasyprint
+    except (ImportError, OSError) as e:  # OSError: WeasyPrint is installed but Pango is not
+        raise PipelineError(f"Cannot write {pdf}: WeasyPrint does not load ({e}). Install it with `pip install -r "
+                            "requirements.txt`; it also needs the Pango library (Debian/Ubuntu: `apt install "
+                            "libpango-1.0-0 libpangoft2-1.0-0`, macOS: `brew install pango`).") from None
+    start = time.perf_counter()
+    try:
+        # The template's <script> tags (require.js, MathJax on a CDN) are never fetched: WeasyPrint runs no scripts.
+        doc = weasyprint.HTML(string=html, url_fetcher=weasyprint.URLFetcher(allowed_protocols={"data", "file"}))
+        document = doc.render()
+        pdf.parent.mkdir(parents=True, exist_ok=True)
+        document.write_pdf(pdf)
+    except Exception as e:  # a third-party renderer: any failure is reported with the file it was writing
+        pdf.unlink(missing_ok=True)
+        raise PipelineError(f"WeasyPrint failed to render {pdf} from the report's HTML ({type(e).__name__}: {e}). "
+                            "The executed notebook and the HTML copies are written; check WeasyPrint and Pango "
+                            "with `python -m weasyprint --info`.") from e
+    log.info("Wrote %s (%d pages, %.1f MB) in %.1f s", pdf, len(document.pages), pdf.stat().st_size / 1e6,
+             time.perf_counter() - start)
+    return len(document.pages)
 
 
 def main() -> None:
@@ -123,6 +184,10 @@ def main() -> None:
     parser.add_argument("--ensemble", required=True, help="the ensemble stage's folder")
     parser.add_argument("--student", required=True, help="the distill stage's folder")
     parser.add_argument("--submissions", required=True, help="the submit stage's folder (leaderboard.csv)")
+    parser.add_argument("--export", required=True, help="the export stage's folder (scores.json, model.json)")
+    parser.add_argument("--pdf", required=True, type=Path, help="the PDF to write (code hidden)")
+    parser.add_argument("--no-input-html", required=True, type=Path, help="the HTML copy with code hidden to write")
+    parser.add_argument("--card", required=True, type=Path, help="the model card (markdown) to write")
     parser.add_argument("--params", default="params.yaml", help="the params file the run used")
     args = parser.parse_args()
     for f in (args.notebook, Path(args.params)):
@@ -130,10 +195,18 @@ def main() -> None:
             raise PipelineError(f"{f} is missing.")
     params = load_params(args.params)
     paths = dict(prepared=args.prepared, folds=args.folds, models=args.models, ensemble=args.ensemble,
-                 student=args.student, submissions=args.submissions)
+                 student=args.student, submissions=args.submissions, export=args.export)
     check_inputs(required_inputs(**paths, backbones=params["train"]["backbones"],
                                  n_folds=params["folds"]["n"]))
-    execute(args.notebook, args.executed, args.html, {**paths, "params_file": args.params})
+    for f in (args.no_input_html, args.pdf, args.card):
+        f.unlink(missing_ok=True)  # no stale copy of an older run beside this one's notebook
+    nb = execute(args.notebook, args.executed, args.html, {**paths, "params_file": args.params})
+    html = to_html(nb, no_input=True)
+    write_text(args.no_input_html, html)
+    write_pdf(html, args.pdf)
+    write_text(args.card, model_card(prepared=args.prepared, folds=args.folds, ensemble=args.ensemble,
+                                     submissions=args.submissions, export=args.export, params=params))
+    log.info("Wrote %s and %s", args.no_input_html, args.card)
 
 
 if __name__ == "__main__":

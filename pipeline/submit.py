@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, run_main
+from pipeline.common import PipelineError, git_commit, run_main
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
@@ -86,16 +85,6 @@ def headline(board: pd.DataFrame, minutes: dict) -> dict:
     best = board.iloc[0]
     return {"models": models, "best": {"file": best["file"], "test_accuracy": r4(best["test_accuracy"])},
             "minutes": minutes}
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def send(file: Path, *, competition: str, message: str, leaderboard: Path, sample_csv: Path, dry_run: bool) -> list[str]:

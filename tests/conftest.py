@@ -82,3 +82,43 @@ def make_competition(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@dataclass
+class Exported:
+    """A student trained briefly on the real competition sample, its checkpoint and the export stage's outputs."""
+    prepared: Prepared
+    student: Path  # folder with checkpoint.pt, as the distill stage writes it
+    export: Path  # the export stage's folder
+    scores: dict  # export/scores.json
+
+
+@pytest.fixture(scope="session")
+def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """resnet10t trained 2 epochs on the sample's 3,000 training cells at 32 px (~15 s), then exported (~10 s)."""
+    import json
+
+    import torch
+
+    from pipeline.dataset import CellDataset, split_rows, targets
+    from pipeline.engine import TrainConfig, fit
+    from pipeline.export import export
+    from pipeline.losses import LabelLoss
+    from pipeline.models import create_model, data_config, save_checkpoint
+    from pipeline.transforms import AugParams, build_transform
+
+    work = tmp_path_factory.mktemp("exported")
+    torch.manual_seed(0)
+    model = create_model("resnet10t")
+    rows = split_rows(nndl_prepared.index, "train")
+    labels = nndl_prepared.index["label"].to_numpy(float)[rows]
+    aug = AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)
+    ds = CellDataset(nndl_prepared.images[rows], targets(labels), build_transform(True, aug, **data_config(model)))
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, select_best=False, num_workers=0, device="cpu")
+    fit(model, ds, None, None, LabelLoss(0.0), cfg, work)
+    student = work / "student"
+    student.mkdir()
+    save_checkpoint(student / "checkpoint.pt", model.eval(), arch="resnet10t", params={"img_size": PREPARED_SIZE},
+                    epoch=2, metric={})
+    export(nndl_prepared.out, student, work / "export", views=["identity", "hflip", "crop_center"], crop_scale=0.875)
+    return Exported(nndl_prepared, student, work / "export", json.loads((work / "export/scores.json").read_text()))

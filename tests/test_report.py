@@ -1,7 +1,11 @@
-"""The report stage: input checks, parameter injection, kernel and HTML export, and a checker for an executed run."""
+"""The report stage: input checks, parameter injection, kernel, HTML and PDF export, the model card, and a checker
+for an executed run."""
 from __future__ import annotations
 
 import ast
+import base64
+import io
+import json
 import os
 import re
 import subprocess
@@ -12,6 +16,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.common import PipelineError
 
@@ -19,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "report.ipynb"
 # Figures the report always draws; the grid of confident OOF mistakes (13th) is skipped when there are none.
 REQUIRED_FIGURES = 12
-PARAMETERS = {"prepared", "folds", "models", "ensemble", "student", "submissions", "params_file"}
+PARAMETERS = {"prepared", "folds", "models", "ensemble", "student", "submissions", "export", "params_file"}
+OUTPUTS = {"executed", "html", "pdf", "no-input-html", "card"}
 
 
 def check_executed_report(project: Path) -> None:
@@ -51,6 +57,19 @@ def check_executed_report(project: Path) -> None:
     assert text.count("data:image/png;base64") >= REQUIRED_FIGURES, "figures are not embedded in the HTML"
     assert board["file"].iat[0] in text
 
+    import pypdf
+
+    best = f"{board['test_accuracy'].iat[0]:.4f}"
+    no_input = (project / "notebooks" / "report.no-input.html").read_text(encoding="utf-8")
+    assert no_input.count("data:image/png;base64") >= REQUIRED_FIGURES and best in no_input
+    assert 'jp-InputArea-editor"' not in no_input and "def grad_cam(" not in no_input, "code in report.no-input.html"
+    pdf = pypdf.PdfReader(project / "notebooks" / "report.pdf")
+    assert len(pdf.pages) > 5, f"report.pdf has {len(pdf.pages)} pages"
+    assert best in "".join(page.extract_text() for page in pdf.pages), f"report.pdf lacks the best score {best}"
+    card = (project / "notebooks" / "model_card.md").read_text(encoding="utf-8")
+    student = yaml.safe_load((project / "params.yaml").read_text())["distill"]["student"]
+    assert f"`{student}`" in card and best in card, "the model card does not name the student and the best score"
+
 
 def source_cells(nb) -> str:
     return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
@@ -72,10 +91,15 @@ def test_dvc_stage_lists_what_the_report_reads():
     code += (ROOT / "pipeline" / "report.py").read_text()
     modules = set(re.findall(r"^\s*from pipeline\.(\w+) import", code, re.M))
     assert {f"pipeline/{m}.py" for m in modules} | {"pipeline/report.py"} <= set(stage["deps"])
-    args = dict(re.findall(r"--(\w+) (\S+)", stage["cmd"]))
+    args = dict(re.findall(r"--([\w-]+) (\S+)", stage["cmd"]))
     assert args.pop("notebook") in stage["deps"]
-    assert {args.pop("executed"), args.pop("html")} == {next(iter(o)) for o in stage["outs"]}
-    assert set(args) == PARAMETERS - {"params_file"} and set(args.values()) <= set(stage["deps"])
+    assert {args.pop(o) for o in OUTPUTS} == {next(iter(o)) for o in stage["outs"]}
+    assert set(args) == PARAMETERS - {"params_file"}
+    from pipeline.report import required_inputs
+
+    needed = required_inputs(**args, backbones=["b"], n_folds=1)
+    for path in map(str, needed):  # the file itself, or a folder holding it
+        assert any(path == d or path.startswith(d + "/") for d in stage["deps"]), f"{path} is not a dependency"
 
 
 def run_report(tmp_path: Path, monkeypatch, notebook: Path = NOTEBOOK) -> None:
@@ -86,7 +110,9 @@ def run_report(tmp_path: Path, monkeypatch, notebook: Path = NOTEBOOK) -> None:
     monkeypatch.setattr(sys, "argv", [
         "report", "--notebook", str(notebook), "--executed", "out/report.executed.ipynb", "--html", "out/report.html",
         "--prepared", "data/prepared", "--folds", "data/folds.csv", "--models", "data/models",
-        "--ensemble", "data/ensemble", "--student", "data/student", "--submissions", "submissions/latest"])
+        "--ensemble", "data/ensemble", "--student", "data/student", "--submissions", "submissions/latest",
+        "--export", "data/export", "--pdf", "out/report.pdf", "--no-input-html", "out/report.no-input.html",
+        "--card", "out/model_card.md"])
     main()
 
 
@@ -97,7 +123,8 @@ def test_missing_inputs_fail_before_executing(tmp_path, monkeypatch):
     for missing in ("data/prepared/index.csv (stage `prepare`)", "data/folds.csv (stage `folds`)",
                     "data/models/resnet10t/fold0/live/metrics.json (stage `train@resnet10t`)",
                     "data/ensemble/oof.csv (stage `ensemble`)", "data/student/checkpoint.pt (stage `distill`)",
-                    "submissions/latest/leaderboard.csv (stage `submit`)"):
+                    "submissions/latest/leaderboard.csv (stage `submit`)", "data/export/scores.json (stage `export`)",
+                    "data/export/model.json (stage `export`)"):
         assert missing in msg
     assert not (tmp_path / "out").exists()
 
@@ -106,10 +133,12 @@ def test_missing_input_cli_exits_1_naming_it(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     r = subprocess.run([sys.executable, "-m", "pipeline.report", "--notebook", str(NOTEBOOK), "--executed", "e.ipynb",
                         "--html", "e.html", "--prepared", "p", "--folds", "f.csv", "--models", "m", "--ensemble", "e",
-                        "--student", "s", "--submissions", "sub"], cwd=tmp_path, capture_output=True, text=True,
+                        "--student", "s", "--submissions", "sub", "--export", "x", "--pdf", "r.pdf",
+                        "--no-input-html", "r.html", "--card", "card.md"], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 1
-    assert "p/index.csv (stage `prepare`)" in r.stderr and "Traceback" not in r.stderr
+    assert "p/index.csv (stage `prepare`)" in r.stderr and "x/model.json (stage `export`)" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_inject_parameters_replaces_an_earlier_injection():
@@ -164,3 +193,122 @@ def test_execute_names_the_failing_cell(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "cell 2 (# read the student's scores)" in msg and "data/student/scores.json" in msg
     assert (tmp_path / "out.ipynb").is_file() and not (tmp_path / "out.html").exists()
+
+
+def executed_notebook(code: str):
+    """An executed-looking notebook (outputs made here, no kernel): a heading, a code cell with a figure and a table."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1400, 500), (180, 40, 60)).save(buf, "PNG")  # wider than the page: it must be scaled down
+    table = pd.DataFrame({"file": ["student_tta.csv", "ensemble.csv"], "test_accuracy": [0.9437, 0.9296]})
+    outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(buf.getvalue()).decode(),
+                                                            "text/plain": "<Figure>"}),
+               nbformat.v4.new_output("display_data", data={"text/html": table.to_html(index=False),
+                                                            "text/plain": "table"})]
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Run report\n\nScores of this run."),
+                                           nbformat.v4.new_code_cell(code, execution_count=1, outputs=outputs)])
+
+
+def test_pdf_hides_code_and_fetches_nothing(tmp_path, monkeypatch):
+    """The no-input HTML and its PDF: figures and tables in, code out, and no network (the template links CDNs)."""
+    import socket
+
+    import pypdf
+
+    from pipeline.report import to_html, write_pdf
+
+    calls = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: calls.append(a))
+    html = to_html(executed_notebook("plotted_here = draw_the_figure()"), no_input=True)
+    assert "plotted_here" not in html and 'jp-InputArea-editor"' not in html and "data:image/png;base64" in html
+    assert "cdnjs.cloudflare.com" in html  # what a fetching renderer would try to load
+    html = html.replace("</body>", '<img src="https://example.com/x.png"></body>')
+    assert write_pdf(html, tmp_path / "r.pdf") >= 1
+    assert not calls, f"WeasyPrint tried the network: {calls}"
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+    text = "".join(page.extract_text() for page in pypdf.PdfReader(tmp_path / "r.pdf").pages)
+    assert "Run report" in text and "0.9437" in text and "student_tta.csv" in text
+    assert "plotted_here" not in text and "draw_the_figure" not in text
+
+
+def fake_run(root: Path) -> dict:
+    """The files the model card reads, as the pipeline's stages write them; returns model_card's path arguments."""
+    names = [f"C{s}P{s}thinF_IMG_{i}.png" for s in (1, 2, 3) for i in range(4)]
+    index = pd.DataFrame({"split": ["train"] * 8 + ["test"] * 4, "img_name": names, "label": [1, 0] * 6,
+                          "group": [n.split("_IMG")[0] for n in names]})
+    index = pd.concat([index, index.tail(2).assign(split="hidden", label=float("nan"))])
+    (root / "prepared").mkdir(parents=True)
+    index.to_csv(root / "prepared" / "index.csv", index=False)
+    train = index[index["split"] == "train"].assign(fold=[0, 0, 0, 0, 1, 1, 1, 1])
+    train[["img_name", "label", "group", "fold"]].to_csv(root / "folds.csv", index=False)
+    (root / "ensemble").mkdir()
+    # Three mistakes at threshold 0.4, two of them on slide C2P2thinF.
+    train.assign(ensemble=0.5, ensemble_tta=[0.9, 0.1, 0.3, 0.2, 0.1, 0.45, 0.6, 0.2])[
+        ["img_name", "label", "fold", "ensemble", "ensemble_tta"]].to_csv(root / "ensemble" / "oof.csv", index=False)
+    (root / "ensemble" / "scores.json").write_text(json.dumps(
+        {"blend": {"ensemble": {"threshold": 0.5}, "ensemble_tta": {"threshold": 0.4}}}))
+    (root / "sub").mkdir()
+    pd.DataFrame([("student_tta.csv", "student", True, 0.5, None, None, 0.94366, 0.981),
+                  ("ensemble_tta.csv", "ensemble", True, 0.4, 0.916, 0.97, 0.9296, 0.975),
+                  ("resnet10t.csv", "resnet10t", False, 0.5, 0.9, 0.96, 0.9, 0.95)],
+                 columns=["file", "model", "tta", "threshold", "cv_accuracy", "cv_roc_auc", "test_accuracy",
+                          "test_roc_auc"]).to_csv(root / "sub" / "leaderboard.csv", index=False)
+    (root / "export").mkdir()
+    timing = {"batch1_threads1": 1.9, "batch1_threads_all": 1.3, "batch64_threads1": 0.9, "batch64_threads_all": 0.5}
+    fmt = {name: {"file": file, "size_mb": size, "accuracy": 0.944, "roc_auc": 0.981, "max_abs_dprob": dprob,
+                  "ms_per_image": timing}
+           for name, file, size, dprob in (("torch_fp32", "data/student/checkpoint.pt", 19.1, 0.0),
+                                           ("onnx_fp32", "data/export/student.onnx", 19.0, 2e-7),
+                                           ("onnx_int8", "data/export/student.int8.onnx", 4.9, 0.012))}
+    (root / "export" / "scores.json").write_text(json.dumps({
+        "student": "resnet10t", "img_size": 48, "threshold": 0.5, "threads_all": 2,
+        "labelled": {"split": "test", "n_images": 4},
+        "int8": {"kept": True, "gated": False, "tolerance_pp": 0.5, "min_images": 600,
+                 "reason": "only 4 labelled images (< 600): reported, not gated"},
+        "formats": fmt, "seconds": {"export": 2.0, "quantize": 3.0, "timing": 4.0}}))
+    (root / "export" / "model.json").write_text(json.dumps({
+        "format": "onnx", "models": {"student": {"file": "student.onnx"},
+                                     "student-int8": {"file": "student.int8.onnx", "kept": True, "reason": "r"}},
+        "arch": "resnet10t", "input": {"name": "image", "shape": ["batch", 3, 48, 48], "dtype": "float32",
+                                       "channel_order": "RGB", "layout": "NCHW", "resize": "bilinear to 48x48",
+                                       "scale": "pixel / 255", "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225]},
+        "output": {"name": "prob", "meaning": "probability of class 1 (parasitized)"}, "threshold": 0.5,
+        "classes": {"0": "uninfected", "1": "parasitized"}, "tta": {"views": ["identity"], "crop_scale": 0.875},
+        "params": {}, "git_commit": "abc1234"}))
+    return {"prepared": str(root / "prepared"), "folds": str(root / "folds.csv"), "ensemble": str(root / "ensemble"),
+            "submissions": str(root / "sub"), "export": str(root / "export")}
+
+
+def test_model_card_from_the_run(tmp_path):
+    from pipeline.params import load_params
+    from pipeline.model_card import model_card
+
+    paths, params = fake_run(tmp_path), load_params(ROOT / "params.yaml")
+    card = model_card(**paths, params={**params, "data": {**params["data"], "source": "demo"}})
+    assert "demo run on 12 labelled cells" in card  # said plainly, with the run's own count
+    assert "`resnet10t`" in card and "abc1234" in card and "Chittagong" in card
+    assert "| train | 8 | 2 | 4 |" in card and "| hidden | 2 | 1 | – |" in card  # split, images, slides, parasitized
+    assert "| student_tta.csv | – | – | 0.9437 | 0.9810 |" in card  # the best file's scores, no CV for the student
+    assert "| onnx_int8 | 0.9440 | 0.9810 | 0.012 | 1.90 | 1.30 | 0.90 | 0.50 | 4.9 |" in card
+    assert "The int8 model is kept: only 4 labelled images (< 600): reported, not gated." in card
+    assert "3 of 8 out-of-fold predictions of `ensemble_tta` (threshold 0.400)" in card
+    assert "| C2P2thinF | 2 | 4 | 50% |" in card.split("out-of-fold predictions")[-1]
+    assert "not a diagnosis" in card and "python -m pipeline.predict cells/ --model student -o out.csv" in card
+    assert "`--model student-int8` runs the int8 copy" in card
+    local = model_card(**paths, params={**params, "data": {**params["data"], "source": "local", "path": "nih.zip"}})
+    assert "demo" not in local.lower() and "`nih.zip`" in local
+
+
+def test_pdf_failures_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    import weasyprint
+
+    from pipeline.report import write_pdf
+
+    monkeypatch.setattr(weasyprint, "HTML", lambda **kw: (_ for _ in ()).throw(ValueError("bad box")))
+    with pytest.raises(PipelineError, match=r"WeasyPrint failed to render .*r\.pdf .*ValueError: bad box"):
+        write_pdf("<p>x</p>", tmp_path / "r.pdf")
+    assert not (tmp_path / "r.pdf").exists()
+    monkeypatch.setitem(sys.modules, "weasyprint", None)  # as if not installed
+    with pytest.raises(PipelineError, match=r"Cannot write .*r\.pdf: WeasyPrint does not load .*pip install"):
+        write_pdf("<p>x</p>", tmp_path / "r.pdf")

@@ -291,3 +291,11 @@ def test_predict_passes_crop_scale(dataset, cfg):
         probs = predict(asymmetric_model(), dataset, cfg, torch.device("cpu"), ["crop_br"], scale, "test")
         np.testing.assert_allclose(probs[:, 0], plain(asymmetric_model(), apply_view(x, "crop_br", scale)),
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("view", D4 + CROPS)
+@pytest.mark.parametrize("size", [8, 13])
+def test_numpy_views_equal_torch_views(view, size):
+    """`pipeline.predict` applies the views to numpy batches for ONNX Runtime: the same numbers as on tensors."""
+    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(size))
+    np.testing.assert_allclose(apply_view(x.numpy(), view, 0.75), apply_view(x, view, 0.75).numpy(), atol=1e-6)

@@ -1,0 +1,36 @@
+"""Blending backbones' probabilities in logit space, with weights fitted on out-of-fold predictions."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from pipeline.metrics import binary_metrics
+
+
+def fit_weights(P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 (a softmax of free parameters) minimising the blend's log loss."""
+    logit = np.log(np.clip(P, 1e-6, 1 - 1e-6) / np.clip(1 - P, 1e-6, 1))
+
+    def loss(z):
+        p = 1 / (1 + np.exp(-(logit @ softmax(z))))
+        return -np.mean(y * np.log(p + 1e-9) + (1 - y) * np.log(1 - p + 1e-9))
+
+    return softmax(minimize(loss, np.zeros(P.shape[1]), method="Nelder-Mead").x)
+
+
+def blend(P: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted mean in logit space (a geometric blend; equal weights give the logit mean)."""
+    logit = np.log(np.clip(P, 1e-6, 1 - 1e-6) / np.clip(1 - P, 1e-6, 1))
+    return 1 / (1 + np.exp(-(logit @ w)))
+
+
+def choose_blend(P: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[str, np.ndarray, dict]:
+    """Equal weights vs fitted weights, compared honestly: fitted weights are scored on folds they did not see."""
+    equal = np.full(P.shape[1], 1 / P.shape[1])
+    nested = np.zeros(len(y))
+    for k in np.unique(fold):
+        nested[fold == k] = blend(P[fold == k], fit_weights(P[fold != k], y[fold != k]))
+    scores = {"mean": binary_metrics(y, blend(P, equal))["log_loss"], "weighted": binary_metrics(y, nested)["log_loss"]}
+    method = min(scores, key=scores.get)
+    return method, equal if method == "mean" else fit_weights(P, y), scores

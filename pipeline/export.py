@@ -1,0 +1,196 @@
+"""Stage `export`: the student as ONNX (fp32, and static int8 calibrated on training cells), checked against torch
+on the labelled test cells and timed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline import onnx_io
+from pipeline.common import PipelineError, git_commit, run_main
+from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.engine import TrainConfig, predict
+from pipeline.images import normalize
+from pipeline.metrics import binary_metrics
+from pipeline.models import load_checkpoint
+from pipeline.params import load_params
+from pipeline.transforms import AugParams, build_transform
+from pipeline.tta import expand_views
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.5           # the student's decision threshold, as the submit stage applies it
+PARITY_TOLERANCE = 1e-4   # max |prob difference| between ONNX fp32 and torch fp32; more means a broken export
+INT8_TOLERANCE_PP, INT8_MIN_IMAGES = 0.5, 600  # int8 is kept within 0.5 pp of fp32, judged on >= 600 cells
+CALIBRATION_IMAGES = 256
+
+
+class _Probability(torch.nn.Module):
+    """The network plus its softmax: the exported graph outputs p(parasitized) per image."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image), 1)[:, 1]
+
+
+def to_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
+    """One self-contained ONNX file (weights inside) with a dynamic batch, checked by onnx.checker."""
+    import onnx
+
+    example = torch.zeros(2, 3, size, size)  # a dynamic batch needs an example of at least 2
+    torch.onnx.export(_Probability(model).eval(), (example,), str(path), dynamo=True, external_data=False,
+                      input_names=["image"], output_names=["prob"], verbose=False,
+                      dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+    onnx.checker.check_model(str(path))
+
+
+def to_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:
+    """Static int8 (QDQ, per-channel weights) calibrated on `calibration`, after ONNX Runtime's pre-processing;
+    dynamic quantization would make slow ConvInteger nodes."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": np.ascontiguousarray(batch)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+
+
+def ms_per_image(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int) -> float:
+    """Wall time per image of `run` over `x` in batches of `batch`, after one warm-up batch."""
+    run(x[:batch])
+    start = time.perf_counter()
+    for i in range(0, len(x), batch):
+        run(x[i:i + batch])
+    return round(1000 * (time.perf_counter() - start) / len(x), 4)
+
+
+def timings(model: torch.nn.Module, onnx_files: dict[str, Path], x: np.ndarray) -> dict[str, dict]:
+    """ms per image at batch 1 and 64, with 1 thread and with every core, for torch and each ONNX file."""
+    cores, saved = os.cpu_count() or 1, torch.get_num_threads()
+    out = {name: {} for name in ("torch_fp32", *onnx_files)}
+    for threads, tag in ((1, "threads1"), (cores, "threads_all")):
+        torch.set_num_threads(threads)
+        sessions = {name: onnx_io.session(f, threads) for name, f in onnx_files.items()}
+        with torch.inference_mode():
+            runners = {"torch_fp32": lambda b: model(torch.from_numpy(b)),
+                       **{n: (lambda b, s=s: s.run(None, {"image": b})) for n, s in sessions.items()}}
+            for name, run in runners.items():
+                out[name][f"batch1_{tag}"] = ms_per_image(run, x[:32], 1)
+                out[name][f"batch64_{tag}"] = ms_per_image(run, x[:128], 64)
+    torch.set_num_threads(saved)
+    return out
+
+
+def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_scale: float) -> dict:
+    """Write student.onnx, student.int8.onnx, model.json, scores.json and metrics.json into `out`."""
+    seconds, t0 = {}, time.perf_counter()
+    model, ck = load_checkpoint(student / "checkpoint.pt")
+    size, norm = int(ck["params"]["img_size"]), ck["data_config"]
+    index, images = load_cache(prepared)
+    if images.shape[1] != size:
+        raise PipelineError(f"{prepared / 'images.npy'} holds {images.shape[1]} px images but the student was trained "
+                            f"at {size} px; re-run `dvc repro` so the student matches the cache.")
+    test = split_rows(index, "test")
+    y = index["label"].to_numpy()[test].astype(int)
+    x = normalize(images[test], norm["mean"], norm["std"])
+    # The reference: the pipeline's own prediction function on the cache, in fp32 on the CPU.
+    ds = CellDataset(images[test], targets(np.zeros(len(test))), build_transform(False, AugParams(), **norm))
+    reference = predict(model, ds, TrainConfig(batch_size=64, num_workers=0, device="cpu"), torch.device("cpu"),
+                        desc="torch")[:, 0]
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"onnx_fp32": out / "student.onnx", "onnx_int8": out / "student.int8.onnx"}
+    to_onnx(model, size, files["onnx_fp32"])
+    seconds["export"] = round(time.perf_counter() - t0, 2)
+    train = split_rows(index, "train")
+    calib = np.random.default_rng(0).choice(train, min(CALIBRATION_IMAGES, len(train)), replace=False)
+    t1 = time.perf_counter()
+    to_int8(files["onnx_fp32"], files["onnx_int8"], normalize(images[np.sort(calib)], norm["mean"], norm["std"]))
+    seconds["quantize"] = round(time.perf_counter() - t1, 2)
+
+    formats = {"torch_fp32": {"file": str(student / "checkpoint.pt"), "prob": reference}}
+    for name, f in files.items():
+        formats[name] = {"file": str(f), "prob": onnx_io.predict(onnx_io.session(f), x)}
+    for name, r in formats.items():
+        p = r.pop("prob")
+        r.update(size_mb=round(Path(r["file"]).stat().st_size / 1e6, 2), max_abs_dprob=float(np.abs(p - reference).max()),
+                 **{k: binary_metrics(y, p, THRESHOLD)[k] for k in ("accuracy", "roc_auc")})
+    if formats["onnx_fp32"]["max_abs_dprob"] > PARITY_TOLERANCE:
+        raise PipelineError(f"{files['onnx_fp32']} differs from the torch checkpoint by up to "
+                            f"{formats['onnx_fp32']['max_abs_dprob']:.2g} in probability (more than {PARITY_TOLERANCE}): "
+                            "the export is broken; report it with the torch and onnx versions.")
+    t2 = time.perf_counter()
+    for name, ms in timings(model, files, x).items():
+        formats[name]["ms_per_image"] = ms
+    seconds["timing"] = round(time.perf_counter() - t2, 2)
+    int8 = int8_verdict(formats["onnx_fp32"]["accuracy"], formats["onnx_int8"]["accuracy"], len(test))
+    scores = {"student": ck["arch"], "img_size": size, "threshold": THRESHOLD, "threads_all": os.cpu_count() or 1,
+              "labelled": {"split": "test", "n_images": int(len(test))}, "int8": int8, "formats": formats,
+              "seconds": seconds}
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    (out / "metrics.json").write_text(json.dumps({name: {"test_accuracy": round(formats[name]["accuracy"], 4)}
+                                                  for name in files}, indent=2))
+    manifest = {
+        "format": "onnx", "arch": ck["arch"],
+        "models": {"student": {"file": files["onnx_fp32"].name},
+                   "student-int8": {"file": files["onnx_int8"].name, "kept": int8["kept"], "reason": int8["reason"]}},
+        "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "channel_order": "RGB",
+                  "layout": "NCHW", "resize": f"any size to {size}x{size} (aspect not kept), bilinear (Pillow)",
+                  "scale": "pixel / 255", "mean": list(norm["mean"]), "std": list(norm["std"])},
+        "output": {"name": "prob", "shape": ["batch"], "meaning": "probability of class 1 (parasitized)"},
+        "threshold": THRESHOLD, "classes": {"0": "uninfected", "1": "parasitized"},
+        "tta": {"views": views, "crop_scale": crop_scale}, "params": ck["params"], "git_commit": git_commit()}
+    (out / onnx_io.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for name, r in formats.items():
+        log.info("%-10s accuracy %.4f AUC %.4f max|dp| %.1e %6.2f MB, ms/image b1 %.2f b64 %.2f (all threads)", name,
+                 r["accuracy"], r["roc_auc"], r["max_abs_dprob"], r["size_mb"], r["ms_per_image"]["batch1_threads_all"],
+                 r["ms_per_image"]["batch64_threads_all"])
+    log.info("int8 %s: %s (export %.1f s, quantize %.1f s, timing %.1f s)", "kept" if int8["kept"] else "refused",
+             int8["reason"], seconds["export"], seconds["quantize"], seconds["timing"])
+    return scores
+
+
+def int8_verdict(acc_fp32: float, acc_int8: float, n: int) -> dict:
+    """Keep int8 within INT8_TOLERANCE_PP of fp32, judged only on a labelled set of INT8_MIN_IMAGES or more."""
+    drop = 100 * (acc_fp32 - acc_int8)
+    gated = n >= INT8_MIN_IMAGES
+    kept = not gated or drop <= INT8_TOLERANCE_PP
+    change = f"int8 accuracy {-drop:+.2f} pp against fp32 on {n} labelled images"
+    reason = (f"{change} ({'within' if kept else 'beyond'} the {INT8_TOLERANCE_PP} pp tolerance)" if gated else
+              f"{change}: fewer than {INT8_MIN_IMAGES}, so reported, not gated")
+    return {"kept": kept, "gated": gated, "tolerance_pp": INT8_TOLERANCE_PP, "min_images": INT8_MIN_IMAGES,
+            "accuracy_drop_pp": round(drop, 3), "reason": reason}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prepared", required=True, type=Path, help="the prepare stage's folder")
+    parser.add_argument("--student", required=True, type=Path, help="the distill stage's folder (checkpoint.pt)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the ONNX files and their JSON")
+    args = parser.parse_args()
+    tta = load_params()["tta"]
+    export(args.prepared, args.student, args.out, views=expand_views(tta["views"]), crop_scale=tta["crop_scale"])
+
+
+if __name__ == "__main__":
+    run_main(main)

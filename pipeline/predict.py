@@ -1,0 +1,203 @@
+"""`python -m pipeline.predict PATH...`: p(parasitized) and a label for new cell images (files, folders, zips).
+
+The ONNX models run on ONNX Runtime without importing torch; `--model ensemble` runs the fold checkpoints."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import onnx_io
+from pipeline.common import IMAGE_SUFFIXES, PipelineError, run_main
+from pipeline.images import decode, normalize
+
+log = logging.getLogger(__name__)
+
+SYSTEM_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}  # written by file browsers; never cells
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: its output name, where it came from (for messages) and how to open it."""
+    name: str
+    where: str
+    open: Callable[[], object]
+
+
+def _kind(member: str) -> str:
+    """'image', 'system' (a file browser's file, ignored) or 'other' (named as not an image)."""
+    name = member.rsplit("/", 1)[-1]
+    if name.lower() in SYSTEM_FILES or name.startswith("._") or "__MACOSX/" in member:
+        return "system"
+    return "image" if Path(name).suffix.lower() in IMAGE_SUFFIXES else "other"
+
+
+def collect(paths: list[str]) -> tuple[list[Source], list[str], int]:
+    """Every image under `paths` in argument order (folders and zips sorted by path), the files that are not
+    images, and how many file-browser files were ignored."""
+    sources, other, system = [], [], 0
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            members = [(f.relative_to(path).as_posix(), str(f), lambda f=f: open(f, "rb"))
+                       for f in sorted(path.rglob("*")) if f.is_file()]
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            try:  # left open for the decoding threads: ZipFile.read is thread-safe
+                z = zipfile.ZipFile(path)
+            except zipfile.BadZipFile as e:
+                raise PipelineError(f"{path}: not a readable zip ({e}).") from None
+            infos = sorted((i for i in z.infolist() if not i.is_dir()), key=lambda i: i.filename)
+            members = [(i.filename, f"{path}:{i.filename}", lambda i=i, z=z: io.BytesIO(z.read(i))) for i in infos]
+        elif path.is_file():
+            members = [(path.name, str(path), lambda p=path: open(p, "rb"))]
+        else:
+            raise PipelineError(f"{arg}: no such file or folder.")
+        for member, where, opener in members:
+            kind = _kind(member)
+            system += kind == "system"
+            if kind == "other":
+                other.append(f"{where} (not a PNG or JPEG image)")
+            elif kind == "image":
+                sources.append(Source(member.rsplit("/", 1)[-1], where, opener))
+    return sources, other, system
+
+
+def decode_sources(sources: list[Source], size: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    """Decode every source at size x size (the cache's own decoding); the failures, each named."""
+    images = np.zeros((len(sources), size, size, 3), np.uint8)
+
+    def one(i: int) -> str | None:
+        try:
+            with sources[i].open() as f:
+                images[i] = decode(f, size)[0]
+        except Exception as e:  # Pillow raises many kinds for broken or foreign files
+            return f"{sources[i].where} ({type(e).__name__}: {e})"
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        errors = list(tqdm(pool.map(one, range(len(sources))), total=len(sources), desc="decode", unit="img",
+                           disable=None))
+    return images, errors
+
+
+def onnx_probs(images: np.ndarray, export_dir: Path, model: str, tta: bool, threads: int | None,
+               batch_size: int, manifest: dict) -> np.ndarray:
+    """The exported student (fp32 or int8) on ONNX Runtime."""
+    entry = manifest["models"][model]
+    if not entry.get("kept", True):
+        raise PipelineError(f"--model {model} is refused for this run: {entry['reason']}. Use --model student.")
+    sess = onnx_io.session(export_dir / entry["file"], threads)
+    x = normalize(images, manifest["input"]["mean"], manifest["input"]["std"])
+    views = manifest["tta"]["views"] if tta else ["identity"]
+    with tqdm(total=len(x), desc=model, unit="img", disable=None) as bar:
+        return onnx_io.predict(sess, x, views, manifest["tta"]["crop_scale"], batch_size, bar)
+
+
+def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta: bool, batch_size: int
+                   ) -> tuple[np.ndarray, float]:
+    """Every fold checkpoint of every blended backbone through the pipeline's prediction function, blended as
+    the ensemble stage chose; returns the probabilities and the ensemble's threshold."""
+    # Imported here: the checkpoints need torch, the ONNX path does not.
+    from pipeline.blend import blend
+    from pipeline.dataset import CellDataset, targets
+    from pipeline.engine import TrainConfig, predict, resolve_device
+    from pipeline.models import load_checkpoint
+    from pipeline.params import load_params
+    from pipeline.transforms import AugParams, build_transform
+    from pipeline.tta import expand_views
+
+    scores = ensemble_dir / "scores.json"
+    if not scores.is_file():
+        raise PipelineError(f"{scores} is missing: run `dvc repro ensemble` first.")
+    chosen = json.loads(scores.read_text())["blend"]["ensemble_tta" if tta else "ensemble"]
+    tta_params = load_params()["tta"]
+    views = expand_views(tta_params["views"]) if tta else ["identity"]
+    cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
+    device = resolve_device(cfg.device)
+    columns, weights = [], []
+    for backbone, w in chosen["weights"].items():
+        folds = sorted((models_dir / backbone).glob("fold*/checkpoint.pt"))
+        if not folds:
+            raise PipelineError(f"{models_dir / backbone} has no fold checkpoints: run `dvc repro train@{backbone}`.")
+        per_fold = []
+        for ckpt in folds:
+            model, ck = load_checkpoint(ckpt, device)
+            if ck["params"]["img_size"] != images.shape[1]:
+                raise PipelineError(f"{ckpt} was trained at {ck['params']['img_size']} px, the others at "
+                                    f"{images.shape[1]} px: re-run `dvc repro`.")
+            ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, AugParams(), **ck["data_config"]))
+            per_fold.append(predict(model, ds, cfg, device, views, tta_params["crop_scale"], desc=str(ckpt)).mean(1))
+        columns.append(np.mean(per_fold, 0))  # folds averaged per backbone, as the ensemble stage does
+        weights.append(w)
+    return blend(np.stack(columns, 1), np.asarray(weights)), chosen["threshold"]
+
+
+def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
+    """The side the model was trained at: images are decoded to it, as the cache was."""
+    if model != "ensemble":
+        return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
+    import torch
+
+    ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
+    if not ckpts:
+        raise PipelineError(f"{models_dir} has no checkpoints: run `dvc repro` first.")
+    return int(torch.load(ckpts[0], map_location="cpu", weights_only=False)["params"]["img_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("paths", nargs="+", help="image files (PNG/JPEG), folders of them, or zips of them")
+    parser.add_argument("--model", choices=["student", "student-int8", "ensemble"], default="student")
+    parser.add_argument("--tta", action="store_true", help="average the run's TTA views (tta.views)")
+    parser.add_argument("-o", "--output", type=Path, help="CSV to write (img_name,prob,label); default: stdout")
+    parser.add_argument("--skip-bad", action="store_true", help="skip files that are not images, with a warning")
+    parser.add_argument("--export", type=Path, default=Path("data/export"), help="the export stage's folder")
+    parser.add_argument("--models", type=Path, default=Path("data/models"), help="the fold checkpoints (ensemble)")
+    parser.add_argument("--ensemble", type=Path, default=Path("data/ensemble"), help="the blend (ensemble)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: every core)")
+    args = parser.parse_args()
+    size = image_size(args.model, args.export, args.models)
+    sources, bad, system = collect(args.paths)
+    if system:
+        log.info("Ignored %d file-browser files (Thumbs.db, .DS_Store, ...)", system)
+    images, errors = decode_sources(sources, size, min(8, os.cpu_count() or 1))
+    bad += [e for e in errors if e]
+    if bad and not args.skip_bad:
+        raise PipelineError(f"{len(bad)} input files are not readable images; remove them or pass --skip-bad:\n  "
+                            + "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""))
+    if bad:
+        log.warning("Skipped %d files that are not readable images:\n  %s", len(bad), "\n  ".join(bad))
+    keep = [i for i, e in enumerate(errors) if e is None]
+    sources, images = [sources[i] for i in keep], images[keep]
+    if not sources:
+        raise PipelineError(f"No images found in {', '.join(args.paths)} (PNG or JPEG files, folders or zips).")
+    if args.model == "ensemble":
+        prob, threshold = ensemble_probs(images, args.models, args.ensemble, args.tta, args.batch_size)
+    else:
+        manifest = onnx_io.load_manifest(args.export)
+        prob = onnx_probs(images, args.export, args.model, args.tta, args.threads, args.batch_size, manifest)
+        threshold = manifest["threshold"]
+    out = pd.DataFrame({"img_name": [s.name for s in sources], "prob": prob, "label": (prob >= threshold).astype(int)})
+    if out["img_name"].duplicated().any():
+        log.warning("Some file names repeat across the inputs (e.g. %s); rows stay in input order",
+                    out.loc[out["img_name"].duplicated(), "img_name"].iat[0])
+    out.to_csv(args.output or sys.stdout, index=False, float_format="%.6f")
+    log.info("%d images, %d labelled parasitized (threshold %.3f, model %s%s)%s", len(out), out["label"].sum(),
+             threshold, args.model, " with TTA" if args.tta else "", f"; wrote {args.output}" if args.output else "")
+
+
+if __name__ == "__main__":
+    run_main(main)
