@@ -37,11 +37,36 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
     return 1000 * (time.perf_counter() - start) / len(images)
 
 
+def unlabelled_rows(index: pd.DataFrame, ensemble_dir: Path, mode: str, teacher_column: str
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Cache rows the student learns from without labels (semi-supervised), their ensemble probabilities, and
+    whether the labelled test images are among them (the student's test score is then transductive).
+
+    Labels are never read here. In the public layout the hidden set is the test holdout itself, so `hidden` alone
+    adds nothing: it would quietly make the test score transductive."""
+    splits = {"none": [], "hidden": ["hidden"], "hidden_and_test": ["hidden", "test"]}[mode]
+    test_names = set(index.loc[index["split"] == "test", "img_name"])
+    rows, soft, seen = [], [], set()
+    for split in splits:
+        table = pd.read_csv(ensemble_dir / f"{split}.csv", dtype={"img_name": str}).set_index("img_name")[teacher_column]
+        for r in split_rows(index, split):
+            name = index["img_name"].iat[r]
+            if name in seen or (mode == "hidden" and name in test_names):
+                continue
+            seen.add(name)
+            rows.append(r)
+            soft.append(table[name])
+    if mode == "hidden" and not rows and splits:
+        log.warning("distill.unlabelled is hidden, but the hidden images are the labelled test images (the public "
+                    "layout's holdout): not fed, so the student's test score stays honest")
+    return np.asarray(rows, int), np.asarray(soft, float), bool(test_names & seen)
+
+
 def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
             temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
             drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
             params: dict, learned: dict | None = None, drop_path_rate: float = 0.0,
-            backbones: list[str] = ()) -> dict:
+            backbones: list[str] = (), unlabelled: str = "none") -> dict:
     """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
     start = time.perf_counter()
     index, images = load_cache(prepared)
@@ -54,8 +79,11 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
                             f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
+    extra, extra_soft, transductive = unlabelled_rows(index, ensemble_dir, unlabelled, teacher_column)
+    # Unlabelled images learn the ensemble twice over: as the (soft) label and as the distillation target.
+    target = np.concatenate([targets(labels[rows], soft.to_numpy()), targets(extra_soft, extra_soft)])
     # Soft targets rounded: a GPU's half-precision noise in the teachers' OOF must not retrain the student.
-    targets_digest = fp.array_digest(np.round(soft.to_numpy(np.float64), 4))
+    targets_digest = fp.array_digest(np.round(target.astype(np.float64), 4))
     fingerprint = fp.make({**(learned or {}), "model.student": student},
                           {**data_digests(prepared), "soft_targets": targets_digest,
                            "weights": weights_digest(student, pretrained, weights_dir)})
@@ -64,10 +92,14 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
                          drop_path_rate=drop_path_rate)
     norm = data_config(model)
     eval_tf = build_transform(False, aug, **norm)
-    train_ds = CellDataset(images[rows], targets(labels[rows], soft.to_numpy()), build_transform(True, aug, **norm),
+    train_ds = CellDataset(images[np.concatenate([rows, extra])], target, build_transform(True, aug, **norm),
                            seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("Student %s on %d images, alpha %.2f, temperature %.1f", student, len(rows), alpha, temperature)
+    log.info("Student %s on %d labelled + %d unlabelled images, alpha %.2f, temperature %.1f", student, len(rows),
+             len(extra), alpha, temperature)
+    if transductive:
+        log.warning("The labelled test images are among the student's unlabelled images: its test score is "
+                    "transductive (like Kaggle's hidden score), not a held-out estimate")
 
     # No validation split: every training image is used, and the last epoch is kept.
     _, model = train_logged(model, student, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing),
@@ -91,6 +123,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
                          "ms_per_image": ms_per_image(teachers, sample, cfg, views, crop_scale, aug)},
     }
+    report["unlabelled"] = {"mode": unlabelled, "images": int(len(extra)), "test_transductive": transductive}
     report["tta_gain"] = {"student": {f"test_{k}": report["student_tta"]["test"][k] - report["student"]["test"][k]
                                       for k in ("accuracy", "roc_auc", "log_loss")}}
     for name, r in list(report.items())[:4]:
@@ -118,7 +151,7 @@ def main() -> None:
             crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
             learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"],
-            backbones=t["backbones"])
+            backbones=t["backbones"], unlabelled=d["unlabelled"])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
 
 log = logging.getLogger(__name__)
+for _name in ("onnx_ir", "onnxscript", "onnxruntime"):  # a line per graph pass otherwise
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 THRESHOLD = 0.5           # the student's decision threshold, as the submit stage applies it
 PARITY_TOLERANCE = 1e-4   # max |prob difference| between ONNX fp32 and torch fp32; more means a broken export

@@ -128,11 +128,15 @@ class Distill(Section):
     alpha: float = Field(ge=0, le=1, description="loss = alpha * CE(label) + (1 - alpha) * T² * KL(teacher ‖ student)")
     temperature: float = Field(gt=0, le=100, description="T: softens teacher and student distributions")
     teacher: Literal["ensemble", "ensemble_tta"] = Field(description="the ensemble OOF column used as soft target")
+    unlabelled: Literal["none", "hidden", "hidden_and_test"] = Field(
+        description="semi-supervised: the student also learns the ensemble's probabilities on the hidden images "
+                    "(never their labels); hidden_and_test adds the labelled test images unlabelled, which makes "
+                    "the student's test score transductive")
     timing_images: int = Field(ge=1, description="test images used to time student vs ensemble inference")
 
 
 class Tta(Section):
-    views: list[str] = Field(min_length=1, description="views averaged at test time (names or the groups d4, five_crop)")
+    views: list[str] = Field(min_length=1, description="views averaged at test time: names, a+b, scale_<percent>, or the groups d4, five_crop, ten_crop, multi_scale")
     crop_scale: float = Field(gt=0, le=1, description="crop views keep this fraction of the side")
 
     @field_validator("views")

@@ -60,12 +60,15 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
             sub = sub[sample.columns]
             validate_submission(sub, sample, name)
             sub.to_csv(out / f"{name}.csv", index=False)
+            # The student's test score is transductive when it learned the test images unlabelled (distill.unlabelled).
+            seen = model == "student" and bool(smetrics.get("unlabelled", {}).get("test_transductive"))
             rows.append({"file": f"{name}.csv", "model": model, "tta": bool(suffix), "threshold": m["threshold"],
                          "cv_accuracy": m["cv"].get("accuracy"), "cv_roc_auc": m["cv"].get("roc_auc"),
                          "test_accuracy": m["test"].get("accuracy"), "test_roc_auc": m["test"].get("roc_auc"),
-                         "hidden_positive_rate": sub["label"].mean()})
-    board = pd.DataFrame(rows).sort_values(["test_accuracy", "test_roc_auc", "cv_accuracy"], ascending=False,
-                                           na_position="last")
+                         "hidden_positive_rate": sub["label"].mean(), "test_seen": seen})
+    # Held-out test scores rank first: a score on test images a model learned from is no estimate.
+    board = pd.DataFrame(rows).sort_values(["test_seen", "test_accuracy", "test_roc_auc", "cv_accuracy"],
+                                           ascending=[True, False, False, False], na_position="last")
     board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
     log.info("Local leaderboard (labelled test set):\n%s", board.to_string(index=False))
     if metrics_json is not None:

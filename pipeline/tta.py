@@ -7,7 +7,11 @@ import numpy as np
 
 D4 = ["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"]
 CROPS = ["crop_center", "crop_tl", "crop_tr", "crop_bl", "crop_br"]
-GROUPS = {"d4": D4, "five_crop": CROPS}
+# Groups: ResNet's 10-crop (five crops of the image and of its mirror) and a multi-scale set (the batch resized
+# to 88 % and 112 % of the side: global pooling takes any size). `a+b` applies view a, then view b.
+GROUPS = {"d4": D4, "five_crop": CROPS, "ten_crop": CROPS + [f"{c}+hflip" for c in CROPS],
+          "multi_scale": ["identity", "scale_88", "scale_112"]}
+SCALES = range(50, 201)  # scale_<percent> views allowed
 
 
 def _resize_np(x: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -28,17 +32,27 @@ def _crop(x, where: str, scale: float):
     ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
     top = {"center": (h - ch) // 2, "tl": 0, "tr": 0, "bl": h - ch, "br": h - ch}[where]
     left = {"center": (w - cw) // 2, "tl": 0, "tr": w - cw, "bl": 0, "br": w - cw}[where]
-    patch = x[..., top:top + ch, left:left + cw]
+    return _resize(x[..., top:top + ch, left:left + cw], h, w)
+
+
+def _resize(x, h: int, w: int):
     if isinstance(x, np.ndarray):
-        return _resize_np(patch, h, w)
+        return _resize_np(x, h, w)
     import torch.nn.functional as F
 
-    return F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
 
 
 def apply_view(x, name: str, crop_scale: float = 0.875):
     """One named view of a (N, C, H, W) batch, a torch tensor or a numpy array (same result for both)."""
     numpy = isinstance(x, np.ndarray)
+    if "+" in name:
+        for part in name.split("+"):
+            x = apply_view(x, part, crop_scale)
+        return x
+    if name.startswith("scale_"):
+        side = [max(8, round(n * int(name[6:]) / 100)) for n in x.shape[-2:]]
+        return _resize(x, *side)
     if name == "identity":
         return x
     if name.startswith("rot"):
@@ -62,8 +76,16 @@ def expand_views(views: list[str]) -> list[str]:
     out = []
     for v in views:
         for name in GROUPS.get(v, [v]):
-            if name not in D4 + CROPS:
-                raise ValueError(f"unknown TTA view {name!r} in tta.views; use {', '.join(D4 + CROPS)}, d4 or five_crop")
+            if not all(_known(part) for part in name.split("+")):
+                raise ValueError(f"unknown TTA view {name!r} in tta.views; use {', '.join(D4 + CROPS)}, scale_<percent> "
+                                 f"({SCALES.start}-{SCALES.stop - 1}), views joined by + (crop_tl+hflip), or the groups "
+                                 f"{', '.join(GROUPS)}")
             if name not in out:
                 out.append(name)
     return out
+
+
+def _known(part: str) -> bool:
+    if part.startswith("scale_"):
+        return part[6:].isdigit() and int(part[6:]) in SCALES
+    return part in D4 + CROPS

@@ -54,7 +54,7 @@ BAD = [  # key, bad value, words the message must hold besides the key
     ("data.img_size", 8, ["8", "greater than or equal to 16"]),
     ("folds.n", 1, ["1", "at least 2 folds"]),
     ("folds.group_by", "slide", ["'slide'", "'patient' or 'none'"]),
-    ("tta.views", ["identity", "sideways"], ["'sideways'", "d4 or five_crop"]),
+    ("tta.views", ["identity", "sideways"], ["'sideways'", "the groups d4, five_crop, ten_crop, multi_scale"]),
     ("distill.teacher", "best", ["'best'", "'ensemble' or 'ensemble_tta'"]),
     ("augment.flip", 1.5, ["1.5", "less than or equal to 1"]),
     ("train.backbones", ["resnet10tt"], ["'resnet10tt' is not a timm model", "resnet10t"]),

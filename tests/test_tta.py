@@ -299,3 +299,30 @@ def test_numpy_views_equal_torch_views(view, size):
     """`pipeline.predict` applies the views to numpy batches for ONNX Runtime: the same numbers as on tensors."""
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(size))
     np.testing.assert_allclose(apply_view(x.numpy(), view, 0.75), apply_view(x, view, 0.75).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("view", ["crop_tl+hflip", "scale_88", "scale_112", "rot90+crop_br"])
+def test_composite_and_scale_views_agree_between_numpy_and_torch(view):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(apply_view(x.numpy(), view), apply_view(x, view).numpy(), atol=1e-6)
+
+
+def test_ten_crop_is_five_crops_and_their_mirrors():
+    views = expand_views(["ten_crop"])
+    assert len(views) == 10 and views[:5] == CROPS
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    for crop in CROPS:
+        np.testing.assert_array_equal(apply_view(x, f"{crop}+hflip").numpy(), apply_view(x, crop).flip(-1).numpy())
+    assert len({tuple(apply_view(x, v).flatten().tolist()) for v in views}) == 10
+
+
+def test_multi_scale_resizes_the_batch():
+    x = torch.rand(2, 3, 48, 48)
+    assert expand_views(["multi_scale"]) == ["identity", "scale_88", "scale_112"]
+    assert apply_view(x, "scale_88").shape == (2, 3, 42, 42) and apply_view(x, "scale_112").shape == (2, 3, 54, 54)
+
+
+@pytest.mark.parametrize("bad", ["scale_300", "scale_x", "hflip+sideways"])
+def test_bad_composite_or_scale_names_are_rejected(bad):
+    with pytest.raises(ValueError, match="unknown TTA view"):
+        expand_views([bad])
