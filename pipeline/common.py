@@ -40,6 +40,13 @@ def slide_group(img_name: str) -> str:
     return stem.split("_IMG")[0] if "_IMG" in stem else stem
 
 
+def labelled_test_seen(index) -> bool:
+    """Whether labelled test images are also train rows of index.csv (data.train_on_test): their scores are then
+    no held-out estimate. Read from the data, so every stage agrees without a flag passed around."""
+    names, split = index["img_name"], index["split"]
+    return bool(set(names[split == "test"]) & set(names[split == "train"]))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

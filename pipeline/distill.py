@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import fingerprint as fp
-from pipeline.common import PipelineError, run_main, seed_everything
+from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.losses import DistillLoss
@@ -46,17 +46,19 @@ def unlabelled_rows(index: pd.DataFrame, ensemble_dir: Path, mode: str, teacher_
     adds nothing: it would quietly make the test score transductive."""
     splits = {"none": [], "hidden": ["hidden"], "hidden_and_test": ["hidden", "test"]}[mode]
     test_names = set(index.loc[index["split"] == "test", "img_name"])
+    # Images already learned with their label (the test set under data.train_on_test) are not added again.
+    train_names = set(index.loc[index["split"] == "train", "img_name"])
     rows, soft, seen = [], [], set()
     for split in splits:
         table = pd.read_csv(ensemble_dir / f"{split}.csv", dtype={"img_name": str}).set_index("img_name")[teacher_column]
         for r in split_rows(index, split):
             name = index["img_name"].iat[r]
-            if name in seen or (mode == "hidden" and name in test_names):
+            if name in seen or name in train_names or (mode == "hidden" and name in test_names):
                 continue
             seen.add(name)
             rows.append(r)
             soft.append(table[name])
-    if mode == "hidden" and not rows and splits:
+    if mode == "hidden" and not rows and splits and not test_names & train_names:
         log.warning("distill.unlabelled is hidden, but the hidden images are the labelled test images (the public "
                     "layout's holdout): not fed, so the student's test score stays honest")
     return np.asarray(rows, int), np.asarray(soft, float), bool(test_names & seen)
@@ -110,9 +112,13 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     write_predictions(model, images, index, split_rows(index, "hidden"), out / "hidden.csv", cfg, views, crop_scale,
                       eval_tf)
     y = labels[test_rows].astype(int)
-    ens = json.loads((ensemble_dir / "scores.json").read_text())["metrics"]
+    ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
+    ens = ens_scores["metrics"]
     sample = images[test_rows[:timing_images]]
-    teachers = sorted(p for b in backbones for p in (models_dir / b).glob("fold*/checkpoint.pt"))
+    # The ensemble's test/hidden predictions come from each backbone's refit model where it has one (train.refit).
+    refit = set(ens_scores.get("refit", {}).get("backbones", []))
+    teachers = sorted(p for b in backbones
+                      for p in (models_dir / b).glob("full/checkpoint.pt" if b in refit else "fold*/checkpoint.pt"))
     report = {
         "student": {"test": binary_metrics(y, test["prob"]),
                     "ms_per_image": ms_per_image([ckpt], sample, cfg, ["identity"], crop_scale, aug)},
@@ -124,6 +130,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
                          "ms_per_image": ms_per_image(teachers, sample, cfg, views, crop_scale, aug)},
     }
     report["unlabelled"] = {"mode": unlabelled, "images": int(len(extra)), "test_transductive": transductive}
+    report["test_seen"] = labelled_test_seen(index)  # the test images were training images (data.train_on_test)
     report["tta_gain"] = {"student": {f"test_{k}": report["student_tta"]["test"][k] - report["student"]["test"][k]
                                       for k in ("accuracy", "roc_auc", "log_loss")}}
     for name, r in list(report.items())[:4]:

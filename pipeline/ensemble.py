@@ -1,4 +1,4 @@
-"""Stage `ensemble`: gather each backbone's folds, blend the backbones on OOF, score everything on OOF and test."""
+"""Stage `ensemble`: gather each backbone's folds (and refit model), blend the backbones on OOF, score on OOF and test."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.blend import blend, choose_blend
-from pipeline.common import PipelineError, run_main
+from pipeline.common import PipelineError, labelled_test_seen, run_main
 from pipeline.metrics import best_threshold, binary_metrics
 from pipeline.params import load_params
 
@@ -47,22 +47,74 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
     return out
 
 
+def use_refit(models: Path, backbones: list[str], tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Put each refit model's test/hidden predictions (`<backbone>/full/`) in place of its fold average; returns
+    the backbones that have one. OOF stays from the folds: the refit model saw every training cell."""
+    used = []
+    for b in backbones:
+        files = {split: models / b / "full" / f"{split}.csv" for split in ("test", "hidden")}
+        if not all(f.is_file() for f in files.values()):
+            log.warning("train.refit is on but %s has no refit predictions in %s: its test/hidden stay the fold "
+                        "average (run `dvc repro train@%s`)", b, files["test"].parent, b)
+            continue
+        for split, f in files.items():
+            p = pd.read_csv(f, dtype={"img_name": str}).groupby("img_name")[["prob", "prob_tta"]].mean()
+            t = tables[split]
+            for col, src in ((b, "prob"), (f"{b}_tta", "prob_tta")):
+                t[col] = t["img_name"].map(p[src]).to_numpy()
+            if t[b].isna().any():
+                raise PipelineError(f"{f} has no prediction for {int(t[b].isna().sum())} {split} images; re-run "
+                                    f"`dvc repro -f train@{b}`.")
+        used.append(b)
+    return used
+
+
+def refit_report(models: Path, used: list[str], fold_average: pd.DataFrame, refit: pd.DataFrame,
+                 thresholds: dict[str, float]) -> dict:
+    """Test accuracy and ROC AUC of the fold average against the refit model, per refit backbone and for the
+    ensemble, with and without TTA; the ensemble's blend and threshold are the folds' in both."""
+    epochs = {}
+    for b in used:
+        live = models / b / "full" / "live" / "metrics.json"
+        epochs[b] = json.loads(live.read_text()).get("epoch") if live.is_file() else None
+    out = {"on": True, "backbones": used, "epochs": epochs, "test": {}}
+    for model in [*used, "ensemble"] if used else []:
+        for name in (model, model + "_tta"):
+            thr = thresholds.get(name, 0.5)
+            out["test"][name] = {kind: {k: binary_metrics(t["label"], t[name], thr)[k] for k in ("accuracy", "roc_auc")}
+                                 for kind, t in (("fold_average", fold_average), ("refit", refit))}
+            m = out["test"][name]
+            log.info("%-24s test acc %.4f AUC %.4f (fold average) | %.4f AUC %.4f (refit)", name,
+                     m["fold_average"]["accuracy"], m["fold_average"]["roc_auc"], m["refit"]["accuracy"],
+                     m["refit"]["roc_auc"])
+    return out
+
+
 def train_minutes(folder: Path) -> float | None:
     """The train stage's last wall time for one backbone, in minutes (timing.json), if it wrote one."""
     f = folder / "timing.json"
     return round(sum(json.loads(f.read_text())["seconds"].values()) / 60, 2) if f.is_file() else None
 
 
-def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backbones: list[str]) -> dict:
+def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backbones: list[str],
+             refit: bool = False) -> dict:
+    """Write the blended OOF/test/hidden tables and scores.json; with `refit`, test/hidden come from the refit models
+    where a backbone has one, and scores.json compares them with the fold average."""
     folds = pd.read_csv(folds_csv, dtype={"img_name": str})
     index = pd.read_csv(index_csv, dtype={"img_name": str})
     tables = gather(models, backbones, folds, index)
+    fold_average = tables["test"].copy()  # kept for the refit comparison
+    used = use_refit(models, backbones, tables) if refit else []
     oof, y, fold = tables["oof"], tables["oof"]["label"].to_numpy(int), tables["oof"]["fold"].to_numpy()
-    report = {"blend": {}, "metrics": {}}
+    seen = labelled_test_seen(index)
+    if seen:
+        log.warning("The labelled test images are also training images (data.train_on_test): every test score "
+                    "below is on seen cells, not a held-out estimate")
+    report = {"test_seen": seen, "blend": {}, "metrics": {}}
     for suffix in ("", "_tta"):
         cols = [b + suffix for b in backbones]
         method, w, scores = choose_blend(oof[cols].to_numpy(), y, fold)
-        for t in tables.values():
+        for t in [*tables.values(), fold_average]:
             t["ensemble" + suffix] = blend(t[cols].to_numpy(), w)
         thr = best_threshold(y, oof["ensemble" + suffix])
         report["blend"]["ensemble" + suffix] = {"method": method, "weights": dict(zip(backbones, w.round(4).tolist())),
@@ -83,6 +135,8 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
     report["tta_gain"] = {model: {f"{split}_{k}": met[model + "_tta"][split][k] - met[model][split][k]
                                   for split in ("cv", "test") for k in ("accuracy", "roc_auc", "log_loss")}
                           for model in [*backbones, "ensemble"]}
+    thresholds = {name: b["threshold"] for name, b in report["blend"].items()}
+    report["refit"] = refit_report(models, used, fold_average, test, thresholds) if refit else {"on": False}
     report["minutes"] = {f"train@{b}": train_minutes(models / b) for b in backbones}
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
@@ -98,8 +152,9 @@ def main() -> None:
     parser.add_argument("--index", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    backbones = load_params()["train"]["backbones"]
-    ensemble(Path(args.models), Path(args.folds), Path(args.index), Path(args.out), backbones=backbones)
+    train = load_params()["train"]
+    ensemble(Path(args.models), Path(args.folds), Path(args.index), Path(args.out), backbones=train["backbones"],
+             refit=train["refit"])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import numpy as np
 TEACHER_PARAMS = ("data.img_size", "folds", "train", "augment")
 STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 # Keys inside those sections that change only inference, speed or bookkeeping: changing them re-predicts
-# from the finished checkpoint instead of retraining (every other key retrains).
+# from the finished checkpoint instead of retraining (every other key retrains). train.refit adds a model beside
+# the folds without changing them; the refit model's own fingerprint holds what it depends on (its epochs).
 INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
-                            "distill.timing_images"})
+                            "train.refit", "distill.timing_images"})
 # The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
 TRAINING_CODE = ("engine.py", "losses.py", "batch_aug.py", "transforms.py", "dataset.py", "precision.py", "models.py")
 

@@ -35,6 +35,8 @@ class Data(Section):
     dataset: str = Field(description="source=kaggle: a Kaggle dataset to download instead of the competition")
     img_size: int = Field(ge=16, le=1024, description="side of the cached square images, in pixels")
     holdout: float = Field(gt=0, lt=1, description="data without a labelled test set: fraction held out, by slide")
+    train_on_test: bool = Field(description="the final fit: the labelled test images join training too; their "
+                                            "scores are then marked seen (test_seen) and no gate uses them")
     seed: int = Field(ge=0, description="seed of the synthetic data and of the holdout")
     synthetic: Synthetic = Field(description="source=synthetic: how many cells per split")
 
@@ -73,6 +75,8 @@ class Train(Section):
     grad_clip: float = Field(gt=0, description="max gradient norm")
     ema_decay: float = Field(ge=0, lt=1, description="EMA of the weights (with warmup); the EMA model is kept")
     patience: int = Field(ge=1, description="early stopping: epochs without a better validation AUC")
+    refit: bool = Field(description="after CV, retrain each backbone on every training cell for the folds' mean kept "
+                                    "epochs; its test/hidden predictions replace the fold average")
     drop_rate: float = Field(ge=0, lt=1, description="dropout before the classifier")
     drop_path_rate: float = Field(ge=0, lt=1, description="stochastic depth: max rate of dropping a residual "
                                                            "branch (0 = off)")

@@ -99,10 +99,13 @@ def onnx_probs(images: np.ndarray, export_dir: Path, model: str, tta: bool, thre
     if not entry.get("kept", True):
         raise PipelineError(f"--model {model} is refused for this run: {entry['reason']}. Use --model student.")
     sess = onnx_io.session(export_dir / entry["file"], threads)
-    x = normalize(images, manifest["input"]["mean"], manifest["input"]["std"])
     views = manifest["tta"]["views"] if tta else ["identity"]
-    with tqdm(total=len(x), desc=model, unit="img", disable=None) as bar:
-        return onnx_io.predict(sess, x, views, manifest["tta"]["crop_scale"], batch_size, bar)
+    out = []
+    with tqdm(total=len(images), desc=model, unit="img", disable=None) as bar:
+        for start in range(0, len(images), 4096):  # float32 copies of a few thousand images at a time, not all
+            x = normalize(images[start:start + 4096], manifest["input"]["mean"], manifest["input"]["std"])
+            out.append(onnx_io.predict(sess, x, views, manifest["tta"]["crop_scale"], batch_size, bar))
+    return np.concatenate(out)
 
 
 def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta: bool, batch_size: int

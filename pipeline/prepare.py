@@ -138,6 +138,19 @@ def holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
     return df
 
 
+def add_test_to_train(df: pd.DataFrame) -> pd.DataFrame:
+    """The final fit (data.train_on_test): every labelled test image also becomes a train row; the test rows stay,
+    so the pipeline still runs and reports (its test scores are then marked seen)."""
+    test = df[df["split"] == "test"]
+    clash = sorted(set(test["img_name"]) & set(df.loc[df["split"] == "train", "img_name"]))
+    if clash:
+        raise PipelineError(f"data.train_on_test: {len(clash)} test images share their name with a train image "
+                            f"(e.g. {', '.join(clash[:4])}); rename them or set data.train_on_test: false.")
+    log.info("data.train_on_test: the %d labelled test images join training on purpose (the final fit); every test "
+             "score is marked as seen in training", len(test))
+    return pd.concat([df, test.assign(split="train")], ignore_index=True)
+
+
 def check(df: pd.DataFrame) -> None:
     """Fail on an empty class; warn about duplicated content (leakage between train and test/hidden)."""
     for split in ("train", "test"):
@@ -145,7 +158,9 @@ def check(df: pd.DataFrame) -> None:
         for label in (0, 1):
             if counts.get(label, 0) == 0:
                 raise PipelineError(f"The {split} split has no images of class {label}; both classes are needed.")
-    train = df[df["split"] == "train"]
+    # Test images that joined training on purpose (data.train_on_test) are not leakage: compare with the rest.
+    test_names = set(df.loc[df["split"] == "test", "img_name"])
+    train = df[(df["split"] == "train") & ~df["img_name"].isin(test_names)]
     dup = train[train["hash"].duplicated(keep=False)]
     if len(dup):
         conflict = dup.groupby("hash")["label"].nunique().gt(1).sum()
@@ -158,7 +173,8 @@ def check(df: pd.DataFrame) -> None:
                         ", ".join(other["img_name"][:4]))
 
 
-def prepare(raw: Path, out: Path, *, img_size: int, holdout_fraction: float, seed: int) -> pd.DataFrame:
+def prepare(raw: Path, out: Path, *, img_size: int, holdout_fraction: float, seed: int,
+            train_on_test: bool = False) -> pd.DataFrame:
     if (root := next(iter(sorted(raw.rglob("train_labels.csv"), key=lambda p: len(p.parts))), None)) is not None:
         log.info("Competition layout in %s", root.parent)
         df = scan_competition(root.parent)
@@ -176,6 +192,8 @@ def prepare(raw: Path, out: Path, *, img_size: int, holdout_fraction: float, see
     if not (df["split"] == "hidden").any():
         # Nothing to predict for Kaggle: predict the held-out test set, as a stand-in hidden set.
         df = pd.concat([df, df[df["split"] == "test"].assign(split="hidden", label=np.nan)], ignore_index=True)
+    if train_on_test:
+        df = add_test_to_train(df)
     order = {"train": 0, "test": 1, "hidden": 2}
     df = df.sort_values(["split", "img_name"], key=lambda s: s.map(order) if s.name == "split" else s)
     df = df.reset_index(drop=True)
@@ -202,7 +220,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for index.csv, images.npy, sample_submission.csv")
     args = parser.parse_args()
     d = load_params()["data"]
-    prepare(Path(args.raw), Path(args.out), img_size=d["img_size"], holdout_fraction=d["holdout"], seed=d["seed"])
+    prepare(Path(args.raw), Path(args.out), img_size=d["img_size"], holdout_fraction=d["holdout"], seed=d["seed"],
+            train_on_test=d["train_on_test"])
 
 
 if __name__ == "__main__":

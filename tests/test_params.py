@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,26 @@ def test_progressive_resizing_checks_the_smallest_size(tmp_path, monkeypatch, ca
     assert run_validate(params, tmp_path, monkeypatch, capsys)[0] == 0
     code, err = run_validate(with_value("train.progressive", 0.5, params), tmp_path, monkeypatch, capsys)
     assert code == 1 and "cannot run at the first epoch's size (train.progressive) 48" in err, err
+
+
+def readme_presets() -> dict[str, list[str]]:
+    """The README's preset commands (`dvc exp run -n NAME -S key=value ...`), by name."""
+    text = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^dvc exp run -n (\w+)((?: \\\n?\s*-S \S+)+|(?: -S \S+)+)", text, re.M)
+    return {name: re.findall(r"-S (\S+)", args) for name, args in commands}
+
+
+def test_readme_presets_are_valid_params(tmp_path):
+    """Each preset's `-S key=value` list, applied to params.yaml as DVC does, passes the schema."""
+    presets = readme_presets()
+    assert {"cpu", "gpu"} <= set(presets), f"README presets found: {sorted(presets)}"
+    for name, sets in presets.items():
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for kv in sets:
+            key, value = kv.split("=", 1)
+            assert key in schema_keys(), f"preset {name}: {key} is not a params key"
+            params = with_value(key, yaml.safe_load(value), params)
+        if params["data"]["source"] == "local":
+            params["data"]["path"] = params["data"]["path"] or "x.zip"
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params))
+        load_params(tmp_path / f"{name}.yaml")  # raises naming the bad key

@@ -316,3 +316,17 @@ def test_headline_metrics_hold_each_file_and_the_best(inputs, tmp_path):
     assert set(m["models"]) == set(TEST_ACC)
     assert m["models"]["resnet10t_tta"]["cv_accuracy"] == pytest.approx(TEST_ACC["resnet10t_tta"] - 0.01, abs=1e-4)
     assert m["models"]["student"]["cv_accuracy"] is None  # no CV for the student: null, not NaN
+
+
+def test_a_test_set_in_training_marks_every_file_seen(inputs, tmp_path):
+    """data.train_on_test: the ensemble stage found the test images among the training images (test_seen)."""
+    scores = json.loads((inputs["ens"] / "scores.json").read_text())
+    (inputs["ens"] / "scores.json").write_text(json.dumps({**scores, "test_seen": True}))
+    metrics = tmp_path / "metrics.json"
+    board = make_submissions(inputs["ens"], inputs["stu"], inputs["sample"], inputs["out"], backbones=BACKBONES,
+                             metrics_json=metrics)
+    assert board["test_seen"].all() and pd.read_csv(inputs["out"] / "leaderboard.csv")["test_seen"].all()
+    assert json.loads(metrics.read_text())["test_seen"] is True
+    (inputs["ens"] / "scores.json").write_text(json.dumps(scores))
+    board = make_submissions(inputs["ens"], inputs["stu"], inputs["sample"], inputs["out"], backbones=BACKBONES)
+    assert not board["test_seen"].any()
