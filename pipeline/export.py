@@ -179,7 +179,7 @@ def int8_verdict(acc_fp32: float, acc_int8: float, n: int, seen: bool = False) -
     drop = 100 * (acc_fp32 - acc_int8)
     gated = n >= INT8_MIN_IMAGES and not seen
     kept = not gated or drop <= INT8_TOLERANCE_PP
-    change = f"int8 accuracy {-drop:+.2f} pp against fp32 on {n} labelled images"
+    change = f"int8 accuracy {round(-drop, 2) + 0.0:+.2f} pp against fp32 on {n} labelled images"  # + 0.0: no -0.00
     if seen:
         reason = f"{change}: the labelled test images were in training (data.train_on_test), so reported, not gated"
     elif gated:

@@ -110,8 +110,8 @@ def onnx_probs(images: np.ndarray, export_dir: Path, model: str, tta: bool, thre
 
 def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta: bool, batch_size: int
                    ) -> tuple[np.ndarray, float]:
-    """Every fold checkpoint of every blended backbone through the pipeline's prediction function, blended as
-    the ensemble stage chose; returns the probabilities and the ensemble's threshold."""
+    """Every fold checkpoint (or the refit model, with train.refit) of every blended backbone through the pipeline's
+    prediction function, blended as the ensemble stage chose; returns the probabilities and the threshold."""
     # Imported here: the checkpoints need torch, the ONNX path does not.
     from pipeline.blend import blend
     from pipeline.dataset import CellDataset, targets
@@ -124,14 +124,17 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     scores = ensemble_dir / "scores.json"
     if not scores.is_file():
         raise PipelineError(f"{scores} is missing: run `dvc repro ensemble` first.")
-    chosen = json.loads(scores.read_text())["blend"]["ensemble_tta" if tta else "ensemble"]
+    report = json.loads(scores.read_text())
+    chosen = report["blend"]["ensemble_tta" if tta else "ensemble"]
+    refit = set(report.get("refit", {}).get("backbones", []))  # train.refit: the submission used these models
     tta_params = load_params()["tta"]
     views = expand_views(tta_params["views"]) if tta else ["identity"]
     cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
     device = resolve_device(cfg.device)
     columns, weights = [], []
     for backbone, w in chosen["weights"].items():
-        folds = sorted((models_dir / backbone).glob("fold*/checkpoint.pt"))
+        folds = ([models_dir / backbone / "full" / "checkpoint.pt"] if backbone in refit else
+                 sorted((models_dir / backbone).glob("fold*/checkpoint.pt")))
         if not folds:
             raise PipelineError(f"{models_dir / backbone} has no fold checkpoints: run `dvc repro train@{backbone}`.")
         per_fold = []

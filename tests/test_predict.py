@@ -137,3 +137,27 @@ def test_ensemble_blends_the_fold_checkpoints(exported_student, shared_data, tmp
     df = pd.read_csv(io.StringIO(r.stdout))
     np.testing.assert_allclose(df["prob"], pipeline_probs(exported_student.student, files, 32), atol=1e-4)
     assert (df["label"] == (df["prob"] >= 0.3)).all()
+
+
+def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data, tmp_path):
+    """With train.refit the submission came from full/: predict uses it, not the (here different) fold models."""
+    from pipeline.models import create_model, save_checkpoint
+
+    models, ensemble = tmp_path / "models", tmp_path / "ensemble"
+    other = create_model("resnet10t")
+    torch.nn.init.normal_(other.get_classifier().weight)  # a fold model that disagrees with the refit one
+    for k in (0, 1):
+        (models / "resnet10t" / f"fold{k}").mkdir(parents=True)
+        save_checkpoint(models / "resnet10t" / f"fold{k}" / "checkpoint.pt", other.eval(), arch="resnet10t",
+                        params={"img_size": 32}, epoch=1, metric={})
+    (models / "resnet10t" / "full").mkdir()
+    shutil.copy(exported_student.student / "checkpoint.pt", models / "resnet10t" / "full" / "checkpoint.pt")
+    ensemble.mkdir()
+    blend = {"method": "mean", "weights": {"resnet10t": 1.0}, "threshold": 0.5}
+    (ensemble / "scores.json").write_text(json.dumps({"blend": {"ensemble": blend, "ensemble_tta": blend},
+                                                      "refit": {"on": True, "backbones": ["resnet10t"]}}))
+    files = sorted((shared_data / "originals").rglob("*.png"))
+    r = run_predict(*files, "--model", "ensemble", "--models", models, "--ensemble", ensemble)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(io.StringIO(r.stdout))
+    np.testing.assert_allclose(df["prob"], pipeline_probs(exported_student.student, files, 32), atol=1e-4)
