@@ -1,26 +1,29 @@
-"""Benchmarks (not stages): `python -m pipeline.bench train` compares training images/s of three input paths;
-`python -m pipeline.bench plain` times the simplest competitor, one network on all training cells."""
+"""Benchmarks (not stages): `train` compares training images/s per precision and input path; `plain` times the
+simplest competitor, one network on all training cells; `ablate` measures one switch (CV, test, minutes)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.common import run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, fit, loader, predict, resolve_device, setup_device
+from pipeline import precision as amp_precision
+from pipeline.engine import TrainConfig, fit, predict, resolve_device, setup_device, train_loader, workers
 from pipeline.losses import LabelLoss
 from pipeline.metrics import binary_metrics
 from pipeline.models import create_model, data_config
-from pipeline.params import load_params
+from pipeline.params import load_params, with_overrides
 from pipeline.transforms import AugParams, build_transform
-from pipeline.workflow import train_config
+from pipeline.workflow import derived_seed, train_config
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,20 @@ class PngDataset(Dataset):
         return self.transform(image=x)["image"], torch.zeros(2)
 
 
-def images_per_s(model, batches, device, n_batches: int, warmup: int = 2) -> float:
-    """Train steps over `batches` (an iterable of (x, y)); the clock starts after `warmup` batches."""
+def images_per_s(model, batches, device, n_batches: int, warmup: int = 2, precision: str = "fp32") -> float:
+    """Train steps over `batches` (an iterable of (x, y)) in `precision`; the clock starts after `warmup` batches."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn, seen, start = LabelLoss(), 0, None
+    amp, _ = amp_precision.autocast(precision, device)  # the GradScaler's cost is negligible next to a step
     model.train()
     for i, (x, y) in enumerate(batches):
         if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             start, seen = time.perf_counter(), 0
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(model(x), y.to(device))
+        with amp:
+            loss = loss_fn(model(x).float(), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -61,7 +68,17 @@ def images_per_s(model, batches, device, n_batches: int, warmup: int = 2) -> flo
     return seen / (time.perf_counter() - start)
 
 
-def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, n_batches: int) -> dict:
+def precisions(device: torch.device) -> list[str]:
+    """The precisions worth timing here: fp32, and the half precisions this device has natively."""
+    if device.type == "cuda":
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.get_device_capability(device) >= (8, 0) else [])
+    return ["fp32"] + (["bf16"] if amp_precision.cpu_has_native_bf16() else [])
+
+
+def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, n_batches: int,
+                precision_list: list[str] | None = None) -> dict:
+    """Training images/s per precision: the bare step on tensors in memory, the pipeline's loader + step, and (fp32)
+    a naive loader decoding PNGs; the loader's share of a step is 1 - pipeline / bare."""
     index, images = load_cache(prepared)
     rows = split_rows(index, "train")[: cfg.batch_size * (n_batches + 2)]
     device = resolve_device(cfg.device)
@@ -70,20 +87,20 @@ def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, a
     tf = build_transform(True, aug, **data_config(model))
     size = images.shape[1]
     x = torch.randn(cfg.batch_size, 3, size, size)
-    results = {
-        "bare model step (tensors in memory)": images_per_s(model, iter(lambda: (x, torch.zeros(len(x), 2)), None),
-                                                            device, n_batches),
-        "pipeline (uint8 cache + augment in workers)": images_per_s(
-            model, loader(CellDataset(images[rows], targets(np.zeros(len(rows))), tf), cfg, device, shuffle=True),
-            device, n_batches),
-        "naive (decode PNG every epoch)": images_per_s(
-            model, loader(PngDataset([raw / p for p in index["path"].iloc[rows]], size, tf), cfg, device, shuffle=True),
-            device, n_batches),
-    }
-    print(f"{backbone} at {size}px, batch {cfg.batch_size}, {cfg.num_workers} workers, {device}, "
-          f"{torch.get_num_threads()} threads")
-    for name, v in results.items():
-        print(f"  {name:<46} {v:8.1f} images/s")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{backbone} at {size}px, batch {cfg.batch_size}, {workers(cfg, device)} loader workers, {name}")
+    results = {}
+    for precision in precision_list or precisions(device):
+        bare = images_per_s(model, iter(lambda: (x, torch.zeros(len(x), 2)), None), device, n_batches,
+                            precision=precision)
+        piped = images_per_s(model, train_loader(CellDataset(images[rows], targets(np.zeros(len(rows))), tf), cfg,
+                                                 device), device, n_batches, precision=precision)
+        results[precision] = {"bare": bare, "pipeline": piped, "loader_share": max(0.0, 1 - piped / bare)}
+        print(f"  {precision:<5} bare step {bare:8.1f} images/s, pipeline {piped:8.1f} images/s, loader's share "
+              f"{results[precision]['loader_share']:.0%}")
+    png = PngDataset([raw / p for p in index["path"].iloc[rows]], size, tf)
+    results["naive_png_fp32"] = images_per_s(model, train_loader(png, cfg, device), device, n_batches)
+    print(f"  naive (decode PNG every epoch), fp32: {results['naive_png_fp32']:8.1f} images/s")
     return results
 
 
@@ -114,20 +131,68 @@ def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, a
     return result
 
 
+def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name: str, sets: list[str]) -> dict:
+    """One ablation row: the first of train.backbones on every fold of folds_csv with these params (the train stage's
+    own train_fold and seeds; finished folds are reused, so a TTA-only change only re-predicts): OOF accuracy and
+    AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, and minutes."""
+    from pipeline.train import model_kwargs, train_fold  # a benchmark, not a stage: it may drive the train stage's code
+
+    p, backbone = params["train"], params["train"]["backbones"][0]
+    index, _ = load_cache(prepared)
+    label = index.set_index("img_name")["label"]
+    start = time.perf_counter()
+    for k in sorted(pd.read_csv(folds_csv)["fold"].unique()):
+        train_fold(prepared, folds_csv, out / f"fold{k}", fold=int(k), cfg=train_config(p, derived_seed(
+            p["seed"], backbone, int(k))), **model_kwargs(params, backbone))
+    minutes = (time.perf_counter() - start) / 60
+    read = lambda f: pd.read_csv(f, dtype={"img_name": str})
+    oof = pd.concat(read(f) for f in sorted(out.glob("fold*/oof.csv")))
+    tests = [read(f) for f in sorted(out.glob("fold*/test.csv"))]
+    test_prob = np.mean([t["prob_tta"].to_numpy() for t in tests], 0)
+    cv = binary_metrics(label[oof["img_name"]].to_numpy(int), oof["prob_tta"].to_numpy())
+    test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)
+    se = lambda acc, n: (acc * (1 - acc) / n) ** 0.5
+    row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
+           "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"], "test_accuracy": test["accuracy"],
+           "test_accuracy_se": se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
+           "minutes": minutes}
+    with open(out.parent / "ablations.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"| {name} | {' '.join(sets) or '(base)'} | {cv['accuracy']:.3f} ± {row['cv_accuracy_se']:.3f} "
+          f"({cv['roc_auc']:.3f}) | {test['accuracy']:.3f} ± {row['test_accuracy_se']:.3f} ({test['roc_auc']:.3f}) "
+          f"| {minutes:.1f} |")
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["train", "plain"])
+    parser.add_argument("what", choices=["train", "plain", "ablate"])
     parser.add_argument("--backbone", help="default: the first of train.backbones")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per path")
-    parser.add_argument("--num-workers", type=int, help="default: train.num_workers")
+    parser.add_argument("--num-workers", help="default: train.num_workers (a number or auto)")
+    parser.add_argument("--precision", action="append", choices=["fp32", "bf16", "fp16"],
+                        help="train: time this precision (repeatable; default: fp32 and the device's native halves)")
     parser.add_argument("--prepared", default="data/prepared", type=Path)
     parser.add_argument("--raw", default="data/raw", type=Path)
     parser.add_argument("--epochs", type=int, help="plain: default train.epochs")
-    parser.add_argument("--out", default="data/bench", type=Path, help="plain: scratch folder for its last.pt")
+    parser.add_argument("--out", default="data/bench", type=Path, help="plain: scratch folder for its last.pt; "
+                        "ablate: the runs go to <out>/ablate/<name>/, their rows to <out>/ablate/ablations.jsonl")
+    parser.add_argument("--folds", default="data/folds.csv", type=Path, help="ablate: the folds CSV")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="ablate: a params.yaml change, as `dvc exp run -S` (repeatable)")
+    parser.add_argument("--name", help="ablate: the run's name (default: the --set items)")
+    parser.add_argument("--models", help="ablate: the run folder to use (default: the name); another run's, for a "
+                        "change that only re-predicts (tta.*)")
     args = parser.parse_args()
     params = load_params()
+    if args.what == "ablate":
+        name = args.name or ("_".join(args.set) or "base").replace("/", "-")
+        bench_ablate(args.prepared, args.folds, args.out / "ablate" / (args.models or name),
+                     with_overrides(params, args.set), name, args.set)
+        return
     t = params["train"]
-    workers = t["num_workers"] if args.num_workers is None else args.num_workers
+    workers = t["num_workers"] if args.num_workers is None else (
+        args.num_workers if args.num_workers == "auto" else int(args.num_workers))
     if args.what == "plain":
         cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
                            **({"epochs": args.epochs} if args.epochs else {}))
@@ -136,7 +201,7 @@ def main() -> None:
         return
     cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])
     bench_train(args.prepared, args.raw, backbone=args.backbone or t["backbones"][0], cfg=cfg,
-                aug=AugParams(**params["augment"]), n_batches=args.batches)
+                aug=AugParams(**params["augment"]), n_batches=args.batches, precision_list=args.precision)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Set by pipeline.distributed.relaunch: the folder where a failing torchrun worker writes its error, so the stage's
+# one message names the rank and the error.
+RANK_ERRORS_ENV = "PIPELINE_RANK_ERRORS"
 
 
 class PipelineError(RuntimeError):
@@ -19,9 +23,20 @@ class PipelineError(RuntimeError):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure logging once, for the stage's entry point (library code only logs)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    """Configure logging once, for the stage's entry point (library code only logs); under torchrun each line names
+    its rank, and ranks other than 0 log warnings and errors only (rank 0 speaks for all)."""
+    rank = os.environ.get("RANK") if "LOCAL_RANK" in os.environ else None
+    if rank not in (None, "0"):
+        level = max(level, logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s " + (f"rank{rank} " if rank else "") +
+                        "%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def _report_rank_error(message: str) -> None:
+    """Under pipeline.distributed.relaunch, leave this rank's error where the launching stage reads it."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder and "RANK" in os.environ:
+        Path(folder, f"rank{os.environ['RANK']}.txt").write_text(message)
 
 
 def run_main(fn) -> None:
@@ -30,8 +45,12 @@ def run_main(fn) -> None:
     try:
         fn()
     except PipelineError as e:
+        _report_rank_error(str(e))
         logging.getLogger("pipeline").error("%s", e)
         sys.exit(1)
+    except Exception as e:
+        _report_rank_error(f"{type(e).__name__}: {e}")
+        raise
 
 
 def slide_group(img_name: str) -> str:

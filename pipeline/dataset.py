@@ -31,7 +31,7 @@ def split_rows(index: pd.DataFrame, split: str) -> np.ndarray:
 
 class CellDataset(Dataset):
     """Rows of the uint8 image cache with a target row per image. The transform is re-seeded per sample
-    from (seed, epoch, index), so results depend neither on the worker count nor on resuming."""
+    from (seed, epoch, index), so results depend neither on the worker or process count nor on resuming."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform, seed: int = 0):
         self.images, self.targets, self.transform, self.seed, self.epoch = images, targets, transform, seed, 0
@@ -40,7 +40,10 @@ class CellDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**32)
+        # The training sampler tags indices with the epoch (engine.EpochTagged: epoch * n + i); plain indices use
+        # self.epoch.
+        epoch, i = divmod(i, len(self.images))
+        self.transform.set_random_seed((self.seed * 1_000_003 + (epoch or self.epoch) * 10_007 + i) % 2**32)
         x = self.transform(image=np.array(self.images[i]))["image"]  # a writable copy of the mmap row
         return x, torch.as_tensor(self.targets[i], dtype=torch.float32)
 

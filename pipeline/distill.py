@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
@@ -20,7 +21,7 @@ from pipeline.models import create_model, data_config, load_checkpoint, weights_
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
-from pipeline.workflow import data_digests, derived_seed, train_config, train_logged, write_predictions
+from pipeline.workflow import data_digests, derived_seed, start_processes, train_config, train_logged, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     test = write_predictions(model, images, index, test_rows, out / "test.csv", cfg, views, crop_scale, eval_tf)
     write_predictions(model, images, index, split_rows(index, "hidden"), out / "hidden.csv", cfg, views, crop_scale,
                       eval_tf)
+    if not ddp.is_main():  # rank 0 times the models and writes the scores
+        return {}
     y = labels[test_rows].astype(int)
     ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
     ens = ens_scores["metrics"]
@@ -150,6 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     t, d, tta = params["train"], params["distill"], params["tta"]
+    if start_processes("pipeline.distill", t):
+        return
     cfg = train_config(t, derived_seed(t["seed"], "student", d["student"]), epochs=d["epochs"], select_best=False)
     views = expand_views(tta["views"])
     distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out), student=d["student"],
@@ -159,6 +164,7 @@ def main() -> None:
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
             learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"],
             backbones=t["backbones"], unlabelled=d["unlabelled"])
+    ddp.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from pipeline import batch_aug
+from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline import precision as amp_precision
 from pipeline.common import PipelineError
@@ -42,20 +44,29 @@ class TrainConfig:
     patience: int = 3
     select_best: bool = True   # keep the best validation epoch; the student keeps its last (no held-out data)
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int | str = 1  # auto: 0 on the CPU, the cores (shared between the processes) on a GPU
     device: str = "auto"
     precision: str = "auto"    # auto | fp32 | bf16 | fp16, resolved per device and backbone by precision.choose
     mixup: float = 0.0         # Beta alpha of mixup (0 = off)
     cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
     progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)
+    sync_bn: bool = False      # DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
+    world_size: int = 1        # DDP processes this model trains with (set by the stage; batch_size is per process)
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for train.device; under DDP on GPUs, this process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device is cuda but no CUDA GPU is visible; set train.device to auto or cpu.")
-    return torch.device(name)
+    return torch.device("cuda", ddp.local_rank()) if name == "cuda" else torch.device(name)
+
+
+def cores() -> int:
+    """Cores this process may use: its CPU affinity (taskset, containers) shared among the DDP processes here."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // ddp.local_world())
 
 
 def setup_device(device: torch.device) -> None:
@@ -64,34 +75,79 @@ def setup_device(device: torch.device) -> None:
     else:
         # One thread per core: on 2 cores, reserving one for the augmentation worker measured slower
         # (the worker needs a fraction of a core at 64 px; see `python -m pipeline.bench train`).
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cores())
 
 
-def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > cfg.batch_size,
-                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=g)
+def workers(cfg: TrainConfig, device: torch.device) -> int:
+    """train.num_workers, with auto resolved: on the CPU 0 (a worker fights torch's threads for the cores: the demo
+    took 27 s instead of 39 s without one), on a GPU one per core this process may use, at most 8."""
+    if cfg.num_workers != "auto":
+        return int(cfg.num_workers)
+    return min(8, cores()) if device.type == "cuda" else 0
+
+
+class EpochTagged(Sampler):
+    """Indices of `inner` tagged with the epoch (epoch * n + i), so CellDataset seeds each sample's augmentation from
+    (seed, epoch, i) even in persistent workers, whatever the number of processes."""
+
+    def __init__(self, inner: Sampler, n: int):
+        self.inner, self.n, self.epoch = inner, n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.epoch * self.n + int(i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def train_loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    """The training loader, built once per fit: this rank's share of a per-epoch shuffle (DistributedSampler, also
+    with one process), workers kept alive across epochs."""
+    sampler = EpochTagged(DistributedSampler(ds, num_replicas=ddp.world(), rank=ddp.rank(), shuffle=True,
+                                             seed=cfg.seed * 7919), len(ds))
+    n = workers(cfg, device)
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size,
+                      num_workers=n, pin_memory=device.type == "cuda", persistent_workers=n > 0,
+                      prefetch_factor=4 if n > 0 else None)
+
+
+def loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    """In-order batches, for prediction."""
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers(cfg, device),
+                      pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device,
-            views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict") -> np.ndarray:
-    """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches."""
+            views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict", shard: bool = False
+            ) -> np.ndarray:
+    """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches.
+
+    shard: under DDP every rank predicts every world()-th image and all get the whole array, in order (every rank
+    must call it then)."""
+    n = len(ds)
+    if shard and ddp.active():
+        ds = Subset(ds, ddp.shard(n).tolist())
     model.eval()
     # Predictions stay fp32 on the CPU; on a GPU they use the card's fast half precision.
     amp, _ = amp_precision.autocast(amp_precision.choose("auto", device, "") if device.type == "cuda" else "fp32",
                                     device)
     out = []
-    for x, _ in tqdm(loader(ds, cfg, device, shuffle=False), desc=desc, leave=False, unit="batch", disable=None):
+    for x, _ in tqdm(loader(ds, cfg, device), desc=desc, leave=False, unit="batch", disable=None if ddp.is_main() else True):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with amp:
             probs = [F.softmax(model(apply_view(x, v, crop_scale)).float(), 1)[:, 1] for v in views]
         out.append(torch.stack(probs, 1).cpu())
-    return torch.cat(out).numpy()
+    probs = torch.cat(out).numpy() if out else np.zeros((0, len(views)), np.float32)
+    return ddp.gather_rows(probs, n) if shard else probs
 
 
 # TrainConfig fields that change speed, not the weights: a run may resume with other values.
-_SPEED_ONLY = ("num_workers", "device")
+_SPEED_ONLY = ("num_workers", "device")  # (world_size is not: batch_size is per process, so it is the global batch)
 
 
 def run_fingerprint(cfg: TrainConfig, fingerprint: dict | None) -> dict:
@@ -124,24 +180,35 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
 
     last.pt is resumed only if `fingerprint` (see pipeline.fingerprint) and cfg match the run that wrote it.
     `save(model, epoch, metrics)` writes the kept checkpoint; `live` gets every epoch's metrics, the resumed
-    ones replayed, so the curves always match last.pt. Returns the kept epoch's metrics."""
+    ones replayed, so the curves always match last.pt. Returns the kept epoch's metrics. Under DDP every rank
+    calls it; rank 0 alone saves, writes last.pt and decides when to stop."""
     device = resolve_device(cfg.device)
     setup_device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
+    if cfg.sync_bn and ddp.active():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, len(loader(train_ds, cfg, device, shuffle=True)))
+    batches = train_loader(train_ds, cfg, device)
+    steps = max(1, len(batches))
     sched = CosineLRScheduler(opt, t_initial=cfg.epochs * steps, lr_min=cfg.lr * 0.01, warmup_t=int(cfg.warmup_epochs * steps),
                               warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
     precision = amp_precision.choose(cfg.precision, device, arch)
     amp, scaler = amp_precision.autocast(precision, device)
-    log.info("Training %s on %s in %s (train.precision %s), batch %d", arch, device, precision, cfg.precision,
-             cfg.batch_size)
+    card = (f" ({torch.cuda.get_device_name(device)}, capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+            if device.type == "cuda" else "")
+    log.info("Training %s on %s%s in %s (train.precision %s), channels_last, batch %d x %d process(es) = %d, "
+             "%d loader worker(s)", arch, device, card, precision, cfg.precision, cfg.batch_size, ddp.world(),
+             cfg.batch_size * ddp.world(), workers(cfg, device))
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False, "history": []}
     last = out_dir / "last.pt"
     current = run_fingerprint(cfg, fingerprint)
-    if (ck := resume_state(last, current)) is not None:
+    # Rank 0 decides whether last.pt belongs to this run (and sets it aside if not); the others then read it too.
+    ck = resume_state(last, current) if ddp.is_main() else None
+    if ddp.broadcast(ck is not None) and ck is None:
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"])
         if scaler is not None and ck.get("scaler"):
@@ -153,19 +220,23 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     if state["done"]:
         log.info("Already finished (kept epoch %d); not retraining", state["best_epoch"])
         return state["best"]
+    # The DDP wrapper averages gradients across ranks; EMA, optimizer and checkpoints use the plain module.
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp.active() else model
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         model.train()
-        train_ds.epoch = epoch  # per-epoch augmentation seeds, copied into fresh workers each epoch
+        batches.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentation seeds
         t0, seen, total = time.perf_counter(), 0, 0.0
-        rng = np.random.default_rng([cfg.seed, epoch])  # per epoch, so a resumed run mixes as an unbroken one
+        # Per epoch (and rank), so a resumed run mixes as an unbroken one.
+        rng = np.random.default_rng([cfg.seed, epoch, ddp.rank()])
         size = batch_aug.progressive_size(epoch, cfg.epochs, train_ds.images.shape[1], cfg.progressive)
-        for step, (x, y) in enumerate(tqdm(loader(train_ds, cfg, device, shuffle=True, epoch=epoch),
-                                           desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
+        for step, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch",
+                                           disable=None if ddp.is_main() else True)):
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             x, y = batch_aug.mix(batch_aug.resize(x, size), y, cfg.mixup, cfg.cutmix, rng)
             with amp:
-                loss = loss_fn(model(x).float(), y)
+                loss = loss_fn(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
             if scaler:
                 scaler.scale(loss).backward()
@@ -179,30 +250,33 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
             sched.step_update((epoch - 1) * steps + step + 1)
             ema.update(model, step=(epoch - 1) * steps + step)
             seen, total = seen + len(x), total + loss.item() * len(x)
+        seen, total = ddp.sum_all([seen, total])
         metrics = {"train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
         if val_ds is not None:
-            p = predict(ema.module, val_ds, cfg, device, desc="validate")[:, 0]
+            p = predict(ema.module, val_ds, cfg, device, desc="validate", shard=True)[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})
-        improved = state["best"] is None or not cfg.select_best or _better(metrics, state["best"])
+        improved = ddp.broadcast(state["best"] is None or not cfg.select_best or _better(metrics, state["best"]))
         log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
                  " *" if improved else "")
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         if improved:
             state["best"], state["best_epoch"] = {**metrics, "epoch": epoch}, epoch
-            if save:
+            if save and ddp.is_main():
                 save(ema.module, epoch, state["best"])
         state["epoch"] = epoch
         state["history"].append(metrics)
-        state["done"] = epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience)
-        # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
-        torch.save({"fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state,
-                    "scaler": scaler.state_dict() if scaler is not None else None}, last.with_suffix(".tmp"))
-        last.with_suffix(".tmp").replace(last)
+        state["done"] = ddp.broadcast(epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience))
+        if ddp.is_main():
+            # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
+            torch.save({"fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(),
+                        "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state,
+                        "scaler": scaler.state_dict() if scaler is not None else None}, last.with_suffix(".tmp"))
+            last.with_suffix(".tmp").replace(last)
         _log_live(live, metrics)
         if state["done"]:
             break
+    ddp.barrier()  # the kept checkpoint is on disk before any rank reads it
     return state["best"]
 
 

@@ -6,10 +6,11 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 
 from pipeline.common import PipelineError
 from pipeline.tta import expand_views
@@ -92,7 +93,13 @@ class Train(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         description="auto: bf16 on GPUs with native bf16, else fp16; on CPUs with native bf16 for backbones "
                     "measured faster in it (ResNet, DenseNet), else fp32. Predictions on the CPU stay fp32")
-    num_workers: int = Field(ge=0, le=256, description="DataLoader augmentation workers")
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0, le=256)]] = Field(
+        description="DataLoader augmentation workers (kept across epochs); auto: 0 on the CPU (they fight torch's "
+                    "threads for the cores), on a GPU one per core of the process, at most 8")
+    gpus: Union[Literal["auto"], Annotated[int, Field(ge=1, le=1024)]] = Field(
+        description="processes training each model with DDP (torchrun, launched by the stage): auto = every "
+                    "visible GPU (1 on the CPU); on the CPU a number > 1 uses gloo. batch_size is per process")
+    sync_bn: bool = Field(description="DDP: BatchNorm statistics over all processes' batches (SyncBatchNorm)")
     seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
 
     @field_validator("precision")
@@ -176,6 +183,8 @@ def _allowed(field) -> str:
     ann = field.annotation
     if get_origin(ann) is Literal:
         return " \\| ".join(f"`{a}`" for a in get_args(ann))
+    if get_origin(ann) is Union:  # a choice or a number, e.g. auto | integer ≥ 0
+        return " \\| ".join(_allowed(FieldInfo.from_annotation(a)) for a in get_args(ann))
     name = {int: "integer", float: "number", bool: "true/false", str: "text"}.get(ann, "list of names")
     bounds = []
     for m in field.metadata:
@@ -249,6 +258,24 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         return Params.model_validate(raw or {}).model_dump()
     except ValidationError as e:
         raise PipelineError(describe(e, path)) from None
+
+
+def with_overrides(params: dict, sets: list[str], source: str = "--set") -> dict:
+    """params with `key=value` overrides (dotted keys, YAML values, as `dvc exp run -S`), checked against the schema."""
+    out = json.loads(json.dumps(params))
+    for item in sets:
+        key, sep, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict) or leaf not in node:
+            raise PipelineError(f"{source} {item!r}: expected key=value with a key of params.yaml, e.g. train.mixup=0.2")
+        node[leaf] = yaml.load(value, Loader=_Yaml12Floats)
+    try:
+        return Params.model_validate(out).model_dump()
+    except ValidationError as e:
+        raise PipelineError(describe(e, source)) from None
 
 
 if __name__ == "__main__":

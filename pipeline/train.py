@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline.common import PipelineError, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
@@ -22,7 +23,7 @@ from pipeline.models import create_model, data_config, weights_digest
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
-from pipeline.workflow import data_digests, derived_seed, train_config, train_logged, write_predictions
+from pipeline.workflow import data_digests, derived_seed, start_processes, train_config, train_logged, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,16 @@ def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None
         shutil.rmtree(out / "full")
 
 
+def model_kwargs(params: dict, backbone: str) -> dict:
+    """The keyword arguments train_fold and train_full take from params.yaml, for one backbone."""
+    p, tta = params["train"], params["tta"]
+    return dict(backbone=backbone, aug=AugParams(**params["augment"]), pretrained=p["pretrained"],
+                weights_dir=p["weights_dir"], drop_rate=p["drop_rate"], views=expand_views(tta["views"]),
+                crop_scale=tta["crop_scale"], learned=fp.learned_params(params, fp.TEACHER_PARAMS),
+                drop_path_rate=p["drop_path_rate"],
+                params={"train": p, "augment": params["augment"], "img_size": params["data"]["img_size"]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", required=True)
@@ -137,20 +148,17 @@ def main() -> None:
                         help="train only this fold (repeatable; outside DVC, e.g. to try one fold first)")
     args = parser.parse_args()
     params = load_params()
-    p, tta = params["train"], params["tta"]
+    p = params["train"]
+    if start_processes("pipeline.train", p):
+        return
     folds_csv, out = Path(args.folds), Path(args.out)
     if not folds_csv.is_file():
         raise PipelineError(f"{folds_csv} is missing: run `dvc repro folds` first.")
     all_folds = sorted(int(k) for k in pd.read_csv(folds_csv)["fold"].unique())
     chosen = args.fold or all_folds
-    if not args.fold:
+    if not args.fold and ddp.is_main():
         remove_stale_folds(out, all_folds, refit=p["refit"])
-    views = expand_views(tta["views"])
-    learned = fp.learned_params(params, fp.TEACHER_PARAMS)
-    common = dict(backbone=args.backbone, aug=AugParams(**params["augment"]), pretrained=p["pretrained"],
-                  weights_dir=p["weights_dir"], drop_rate=p["drop_rate"], views=views, crop_scale=tta["crop_scale"],
-                  learned=learned, drop_path_rate=p["drop_path_rate"],
-                  params={"train": p, "augment": params["augment"], "img_size": params["data"]["img_size"]})
+    common = model_kwargs(params, args.backbone)
     seconds = {}
     for k in chosen:
         start = time.perf_counter()
@@ -165,7 +173,9 @@ def main() -> None:
                    cfg=train_config(p, derived_seed(p["seed"], args.backbone, "full")), **common)
         seconds["full"] = round(time.perf_counter() - start, 1)
     # This run's wall time per model (training, or only predicting when reused), for the headline metrics.
-    (out / "timing.json").write_text(json.dumps({"seconds": seconds}, indent=2))
+    if ddp.is_main():
+        (out / "timing.json").write_text(json.dumps({"seconds": seconds}, indent=2))
+    ddp.shutdown()
 
 
 if __name__ == "__main__":

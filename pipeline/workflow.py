@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
 from dataclasses import fields
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline.dataset import CellDataset, targets
 from pipeline.engine import TrainConfig, fit, predict, resolve_device
@@ -21,7 +23,22 @@ log = logging.getLogger(__name__)
 def train_config(p: dict, seed: int, **overrides) -> TrainConfig:
     """TrainConfig from a params section (train: or distill:), keeping only the keys it knows."""
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in p.items() if k in known}, "seed": seed, **overrides})
+    return TrainConfig(**{**{k: v for k, v in p.items() if k in known}, "seed": seed, "world_size": ddp.world(),
+                          **overrides})
+
+
+def start_processes(module: str, p: dict) -> bool:
+    """DDP for a training stage (`p` its train: params): under torchrun join the process group and return False (go
+    on); when train.gpus asks for more than one process, re-run this stage under torchrun and return True (the
+    caller is done); otherwise False (one process)."""
+    if ddp.launched():
+        ddp.init(resolve_device(p["device"]).type)
+        return False
+    n = ddp.processes_wanted(p["gpus"], p["device"])
+    if n > 1:
+        ddp.relaunch(module, sys.argv[1:], n)
+        return True
+    return False
 
 
 def derived_seed(seed: int, *parts) -> int:
@@ -37,13 +54,16 @@ def data_digests(prepared: Path, *files: Path) -> dict[str, str]:
 
 def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
                       transform) -> pd.DataFrame:
-    """Write and return img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows."""
+    """Write and return img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows.
+
+    Under DDP every rank predicts a shard and gets the whole table; rank 0 writes it."""
     names = ["identity", *[v for v in views if v != "identity"]]
     ds = CellDataset(images[rows], targets(np.zeros(len(rows))), transform)
-    probs = predict(model, ds, cfg, resolve_device(cfg.device), names, crop_scale, desc=out_csv.stem)
+    probs = predict(model, ds, cfg, resolve_device(cfg.device), names, crop_scale, desc=out_csv.stem, shard=True)
     df = pd.DataFrame({"img_name": index["img_name"].to_numpy()[rows], "prob": probs[:, 0],
                        "prob_tta": probs[:, [names.index(v) for v in views]].mean(1)})
-    df.to_csv(out_csv, index=False, float_format="%.6f")
+    if ddp.is_main():
+        df.to_csv(out_csv, index=False, float_format="%.6f")
     return df
 
 
@@ -73,13 +93,18 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
 
     ckpt, last = out / "checkpoint.pt", out / "last.pt"
     # The kept checkpoint belongs to last.pt's run: if it was trained on other inputs (or is gone), so was last.pt.
-    if last.is_file() and (diff := _checkpoint_differences(ckpt, last, fingerprint)):
+    if ddp.is_main() and last.is_file() and (diff := _checkpoint_differences(ckpt, last, fingerprint)):
         log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
         last.unlink()
+    ddp.barrier()
+    save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric,
+                                                    extra={"fingerprint": fingerprint})
+    if not ddp.is_main():  # rank 0 writes the curves and the checkpoint
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, None, fingerprint)
+        model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+        return best, model
     # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.
     with Live(dir=str(out / "live"), resume=False, dvcyaml=None, save_dvc_exp=False) as live:
-        save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric,
-                                                        extra={"fingerprint": fingerprint})
         best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save, fingerprint)
         for k, v in best.items():
             live.summary[k] = v
