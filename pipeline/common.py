@@ -1,11 +1,13 @@
 """Shared helpers: errors, logging setup, seeding and small path utilities."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +41,27 @@ def _report_rank_error(message: str) -> None:
         Path(folder, f"rank{os.environ['RANK']}.txt").write_text(message)
 
 
+def _pop_timing_option() -> Path | None:
+    """Take `--timing FILE` (every stage's command in dvc.yaml has it) out of sys.argv, before the stage parses it."""
+    if "--timing" not in sys.argv[:-1]:
+        return None
+    i = sys.argv.index("--timing")
+    path = sys.argv[i + 1]
+    del sys.argv[i:i + 2]
+    return Path(path)
+
+
+def stage_timing(path: Path, seconds: float) -> None:
+    """The stage's wall time, for the log and the report stage's summary (data/timing.json, a DVC metric)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": round(seconds, 1), "minutes": round(seconds / 60, 3)}, indent=2))
+
+
 def run_main(fn) -> None:
-    """Run a stage's body: configure logging and turn PipelineError into one clear line and exit 1."""
+    """Run a stage's body: configure logging and turn PipelineError into one clear line and exit 1; with `--timing
+    FILE`, log the stage's wall time and write it there."""
     setup_logging()
+    timing, start = _pop_timing_option(), time.perf_counter()
     try:
         fn()
     except PipelineError as e:
@@ -51,6 +71,10 @@ def run_main(fn) -> None:
     except Exception as e:
         _report_rank_error(f"{type(e).__name__}: {e}")
         raise
+    if timing is not None:
+        seconds = time.perf_counter() - start
+        logging.getLogger("pipeline").info("%s took %.1f s", Path(sys.argv[0]).stem, seconds)
+        stage_timing(timing, seconds)
 
 
 def slide_group(img_name: str) -> str:

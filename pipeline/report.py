@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -189,7 +190,10 @@ def main() -> None:
     parser.add_argument("--no-input-html", required=True, type=Path, help="the HTML copy with code hidden to write")
     parser.add_argument("--card", required=True, type=Path, help="the model card (markdown) to write")
     parser.add_argument("--params", default="params.yaml", help="the params file the run used")
+    parser.add_argument("--timing-dir", type=Path, help="every other stage's wall time (<stage>.json)")
+    parser.add_argument("--timing-summary", type=Path, help="the minutes per stage and in all to write (a DVC metric)")
     args = parser.parse_args()
+    start = time.perf_counter()
     for f in (args.notebook, Path(args.params)):
         if not f.is_file():
             raise PipelineError(f"{f} is missing.")
@@ -207,6 +211,19 @@ def main() -> None:
     write_text(args.card, model_card(prepared=args.prepared, folds=args.folds, ensemble=args.ensemble,
                                      submissions=args.submissions, export=args.export, params=params))
     log.info("Wrote %s and %s", args.no_input_html, args.card)
+    if args.timing_summary:
+        write_timing_summary(args.timing_dir, args.timing_summary, time.perf_counter() - start)
+
+
+def write_timing_summary(folder: Path | None, out: Path, report_seconds: float) -> dict:
+    """Minutes per stage (the files run_main wrote, and this report) and their sum: the run's cost at a glance."""
+    minutes = {f.stem: json.loads(f.read_text())["minutes"] for f in sorted(folder.glob("*.json"))} if folder else {}
+    minutes["report"] = round(report_seconds / 60, 3)
+    summary = {"minutes": minutes, "total_minutes": round(sum(minutes.values()), 2)}
+    write_text(out, json.dumps(summary, indent=2))
+    log.info("Minutes per stage: %s; in all %.2f", ", ".join(f"{k} {v:.2f}" for k, v in minutes.items()),
+             summary["total_minutes"])
+    return summary
 
 
 if __name__ == "__main__":

@@ -169,3 +169,25 @@ def test_a_rank_that_raises_fails_the_stage_with_its_error(tmp_path, monkeypatch
         ddp.relaunch("ddp_failing_worker", [], 2)
     # Rank 0 waits in a collective that rank 1 never joins: torchrun stops it instead of letting it hang.
     assert time.perf_counter() - start < 60
+
+
+def test_dvc_repro_trains_teachers_and_student_under_ddp(tmp_path, shared_data):
+    """`dvc repro` with train.gpus 2 on the CPU: the train and distill stages launch torchrun themselves; no new
+    command in dvc.yaml."""
+    from test_e2e import dvc, project_copy
+
+    project = project_copy(tmp_path, **{
+        "data.source": "local", "data.path": str(shared_data / "nndl-hw2-sample.zip"), "data.img_size": 32,
+        "folds.n": 2, "train.backbones": ["resnet10t"], "train.epochs": 1, "train.batch_size": 64,
+        "train.num_workers": 0, "train.gpus": 2, "train.device": "cpu", "distill.epochs": 1,
+        "distill.timing_images": 16, "tta.views": ["identity"]})
+    r = dvc(project, "repro", "distill")
+    log = r.stdout + r.stderr
+    assert log.count("Launching 2 processes (DDP)") == 2, log[-3000:]  # train@resnet10t and distill
+    index = pd.read_csv(project / "data/prepared/index.csv", dtype={"img_name": str})
+    test = pd.read_csv(project / "data/student/test.csv", dtype={"img_name": str})
+    assert test["img_name"].tolist() == index.loc[index["split"] == "test", "img_name"].tolist()
+    scores = yaml.safe_load((project / "data/student/scores.json").read_text())
+    assert scores["student"]["test"]["accuracy"] > 0.6
+    load_checkpoint(project / "data/student/checkpoint.pt")
+    assert "didn't change" in dvc(project, "repro", "distill").stdout

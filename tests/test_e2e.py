@@ -86,6 +86,10 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     assert "didn't change" in dvc(project, "repro").stdout
     shown = dvc(project, "metrics", "show").stdout
     assert "data/metrics.json" in shown and "models.ensemble.cv_accuracy" in shown
+    timing = json.loads((project / "data/timing.json").read_text())  # every stage's minutes, a DVC metric
+    assert set(timing["minutes"]) == {"validate", "download", "prepare", "folds", "train-resnet10t",
+                                      "train-efficientnet_b0", "ensemble", "distill", "submit", "export", "report"}
+    assert timing["total_minutes"] > 0 and "data/timing.json" in shown and "total_minutes" in shown
     # A finished backbone forced to run again is not retrained and keeps its curves.
     again = dvc(project, "repro", "-f", "-s", "train@resnet10t")
     assert (again.stderr + again.stdout).count("not retraining") == 2  # both folds

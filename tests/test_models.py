@@ -164,3 +164,19 @@ def test_load_checkpoint_missing_file_names_it(tmp_path):
     with pytest.raises(PipelineError, match="checkpoint.pt is missing") as e:
         load_checkpoint(path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "tf_efficientnetv2_b0"])
+def test_residual_blocks_of_a_new_efficientnet_start_as_the_identity(arch):
+    model = create_model(arch).eval()
+    blocks = [m for m in model.modules() if getattr(m, "has_skip", False)]
+    assert len(blocks) >= 5
+    with torch.no_grad():
+        for block in blocks:
+            channels = next(c for c in block.modules() if isinstance(c, torch.nn.Conv2d)).in_channels
+            x = torch.randn(2, channels, 6, 6)
+            torch.testing.assert_close(block(x), x)  # the skip alone: training starts from a shallow network
+    raw = next(m for m in timm.create_model(arch).eval().modules() if getattr(m, "has_skip", False))
+    with torch.no_grad():  # timm's own init does not: the test would see it
+        x = torch.randn(2, next(c for c in raw.modules() if isinstance(c, torch.nn.Conv2d)).in_channels, 6, 6)
+        assert not torch.allclose(raw(x), x)
