@@ -164,9 +164,21 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     return row
 
 
+def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
+    """The ablation rows (the last of each name) as the CSV the report shows, `note` (the shared configuration and the
+    machine) in its # header lines."""
+    rows = [json.loads(line) for line in rows_jsonl.read_text().splitlines() if line.strip()]
+    table = pd.DataFrame(list({r["name"]: r for r in rows}.values()))
+    table["set"] = table["set"].map(lambda s: " ".join(s) or "(the base configuration)")
+    cols = ["name", "set", "seed", "cv_accuracy", "cv_accuracy_se", "cv_roc_auc", "test_accuracy", "test_accuracy_se",
+            "test_roc_auc", "minutes"]
+    out_csv.write_text("".join(f"# {line}\n" for line in note.splitlines()) + table[cols].to_csv(index=False, float_format="%.4f"))
+    return table[cols]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["train", "plain", "ablate"])
+    parser.add_argument("what", choices=["train", "plain", "ablate", "table"])
     parser.add_argument("--backbone", help="default: the first of train.backbones")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per path")
     parser.add_argument("--num-workers", help="default: train.num_workers (a number or auto)")
@@ -183,7 +195,12 @@ def main() -> None:
     parser.add_argument("--name", help="ablate: the run's name (default: the --set items)")
     parser.add_argument("--models", help="ablate: the run folder to use (default: the name); another run's, for a "
                         "change that only re-predicts (tta.*)")
+    parser.add_argument("--note", default="", help="table: the configuration the rows share (CSV header lines)")
+    parser.add_argument("--csv", type=Path, default=Path("notebooks/ablations.csv"), help="table: the CSV to write")
     args = parser.parse_args()
+    if args.what == "table":
+        print(ablation_table(args.out / "ablate" / "ablations.jsonl", args.csv, args.note).to_string(index=False))
+        return
     params = load_params()
     if args.what == "ablate":
         name = args.name or ("_".join(args.set) or "base").replace("/", "-")

@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--no-input-html", required=True, type=Path, help="the HTML copy with code hidden to write")
     parser.add_argument("--card", required=True, type=Path, help="the model card (markdown) to write")
     parser.add_argument("--params", default="params.yaml", help="the params file the run used")
-    parser.add_argument("--timing-dir", type=Path, help="every other stage's wall time (<stage>.json)")
+    parser.add_argument("--timings", type=Path, help="the folder of every other stage's wall time (<stage>.json)")
+    parser.add_argument("--ablations", type=Path, help="the measured switches (python -m pipeline.bench ablate), a CSV")
     parser.add_argument("--timing-summary", type=Path, help="the minutes per stage and in all to write (a DVC metric)")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -204,7 +205,9 @@ def main() -> None:
                                  n_folds=params["folds"]["n"]))
     for f in (args.no_input_html, args.pdf, args.card):
         f.unlink(missing_ok=True)  # no stale copy of an older run beside this one's notebook
-    nb = execute(args.notebook, args.executed, args.html, {**paths, "params_file": args.params})
+    nb = execute(args.notebook, args.executed, args.html,
+                 {**paths, "params_file": args.params, "timings": str(args.timings or ""),
+                  "ablations": str(args.ablations or "")})
     html = to_html(nb, no_input=True)
     write_text(args.no_input_html, html)
     write_pdf(html, args.pdf)
@@ -212,7 +215,7 @@ def main() -> None:
                                      submissions=args.submissions, export=args.export, params=params))
     log.info("Wrote %s and %s", args.no_input_html, args.card)
     if args.timing_summary:
-        write_timing_summary(args.timing_dir, args.timing_summary, time.perf_counter() - start)
+        write_timing_summary(args.timings, args.timing_summary, time.perf_counter() - start)
 
 
 def write_timing_summary(folder: Path | None, out: Path, report_seconds: float) -> dict:

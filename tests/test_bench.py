@@ -13,3 +13,35 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
     assert (r["train_images"], r["test_images"]) == (3000, 600)
     assert r["test_roc_auc"] > 0.85 and 0 < r["test_accuracy_se"] < 0.025  # two epochs learn; the SE of 600 cells
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared, tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from pipeline.bench import ablation_table, bench_ablate
+    from pipeline.folds import make_folds
+    from pipeline.params import load_params, with_overrides
+
+    index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
+    make_folds(index[index["split"] == "train"].sample(n=300, random_state=0), n=2, group_by="patient",
+               seed=0).to_csv(tmp_path / "folds.csv", index=False)
+    base = with_overrides(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), [
+        "data.img_size=32", "train.backbones=[resnet10t]", "train.epochs=1", "train.batch_size=64",
+        "train.num_workers=0", "train.device=cpu", "tta.views=[identity]"])
+    out = tmp_path / "ablate"
+    first = bench_ablate(nndl_prepared.out, tmp_path / "folds.csv", out / "base", base, "base", [])
+    assert 0 < first["cv_accuracy_se"] < 0.05 and 0 < first["test_accuracy"] <= 1 and first["minutes"] > 0
+    tta = bench_ablate(nndl_prepared.out, tmp_path / "folds.csv", out / "base",
+                       with_overrides(base, ["tta.views=[d4]"]), "tta_d4", ["tta.views=[d4]"])
+    assert tta["minutes"] < first["minutes"]  # the fold models are reused; only the predictions are new
+    assert tta["cv_accuracy"] != first["cv_accuracy"] or tta["cv_roc_auc"] != first["cv_roc_auc"]
+    table = ablation_table(out / "ablations.jsonl", tmp_path / "ablations.csv", "resnet10t, 2 folds\n2 cores")
+    assert table["name"].tolist() == ["base", "tta_d4"] and "| base |" in capsys.readouterr().out
+    text = (tmp_path / "ablations.csv").read_text()
+    assert text.startswith("# resnet10t, 2 folds\n# 2 cores\n")
+    assert len(pd.read_csv(tmp_path / "ablations.csv", comment="#")) == 2
+    assert len((out / "ablations.jsonl").read_text().splitlines()) == 2 and json.loads(
+        (out / "ablations.jsonl").read_text().splitlines()[1])["set"] == ["tta.views=[d4]"]

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "report.ipynb"
 # Figures the report always draws; the grid of confident OOF mistakes (13th) is skipped when there are none.
 REQUIRED_FIGURES = 12
-PARAMETERS = {"prepared", "folds", "models", "ensemble", "student", "submissions", "export", "params_file"}
+PARAMETERS = {"prepared", "folds", "models", "ensemble", "student", "submissions", "export", "params_file",
+              "timings", "ablations"}
 OUTPUTS = {"executed", "html", "pdf", "no-input-html", "card"}
 
 
@@ -94,10 +95,13 @@ def test_dvc_stage_lists_what_the_report_reads():
     args = dict(re.findall(r"--([\w-]+) (\S+)", stage["cmd"]))
     assert args.pop("notebook") in stage["deps"]
     assert {args.pop(o) for o in OUTPUTS} == {next(iter(o)) for o in stage["outs"]}
+    assert args.pop("timing-summary") in {next(iter(m)) for m in stage["metrics"]}
+    assert args["timings"] in stage["deps"] and args["ablations"] in stage["deps"]
     assert set(args) == PARAMETERS - {"params_file"}
     from pipeline.report import required_inputs
 
-    needed = required_inputs(**args, backbones=["b"], n_folds=1)
+    needed = required_inputs(**{k: v for k, v in args.items() if k not in ("timings", "ablations")},
+                             backbones=["b"], n_folds=1)
     for path in map(str, needed):  # the file itself, or a folder holding it
         assert any(path == d or path.startswith(d + "/") for d in stage["deps"]), f"{path} is not a dependency"
 
