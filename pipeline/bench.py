@@ -153,7 +153,8 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)
     se = lambda acc, n: (acc * (1 - acc) / n) ** 0.5
     row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
-           "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"], "test_accuracy": test["accuracy"],
+           "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
+           "test_accuracy": test["accuracy"],
            "test_accuracy_se": se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
            "minutes": minutes}
     with open(out.parent / "ablations.jsonl", "a") as f:
@@ -172,7 +173,8 @@ def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
     table["set"] = table["set"].map(lambda s: " ".join(s) or "(the base configuration)")
     cols = ["name", "set", "seed", "cv_accuracy", "cv_accuracy_se", "cv_roc_auc", "test_accuracy", "test_accuracy_se",
             "test_roc_auc", "minutes"]
-    out_csv.write_text("".join(f"# {line}\n" for line in note.splitlines()) + table[cols].to_csv(index=False, float_format="%.4f"))
+    header = "".join(f"# {line}\n" for line in note.splitlines())
+    out_csv.write_text(header + table[cols].to_csv(index=False, float_format="%.4f"))
     return table[cols]
 
 

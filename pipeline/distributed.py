@@ -49,7 +49,9 @@ def relaunch(module: str, args: list[str], nproc: int) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "--max-restarts=0", "--monitor-interval=0.5", "-m", module, *args]
         log.info("Launching %d processes (DDP): %s", nproc, " ".join(cmd[1:]))
-        proc = subprocess.Popen(cmd, env={**os.environ, RANK_ERRORS_ENV: errors})
+        proc = subprocess.Popen(cmd, env={**os.environ, RANK_ERRORS_ENV: errors}, preexec_fn=_die_with_parent)
+        # A SIGTERM to this process (DVC, a scheduler, `timeout`) must stop torchrun too, not orphan it.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             code = proc.wait()
         except BaseException:  # Ctrl-C, or DVC stopping the stage: torchrun stops its workers on SIGTERM
@@ -59,6 +61,8 @@ def relaunch(module: str, args: list[str], nproc: int) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if code == 0:
             return
         # The first rank to fail is the cause; the others fail after it (a peer closed the connection).
@@ -70,12 +74,21 @@ def relaunch(module: str, args: list[str], nproc: int) -> None:
                             "names the rank and the error.")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGKILL when the parent dies (Linux), so no process outlives the stage."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def init(device_type: str) -> None:
     """Join the process group when launched by torchrun (nccl on GPUs, gloo on the CPU); a no-op otherwise."""
     if not launched() or dist.is_initialized():
         return
-    if sys.platform == "linux":  # die with torchrun: a killed launcher must not leave workers training on
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _die_with_parent()  # with torchrun: a killed launcher must not leave workers training on
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
@@ -125,6 +138,14 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: each rank's EMA averages the statistics of its
+    own batches, so without this the ranks would validate slightly different models, none of them the saved one."""
+    if active():
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 def sum_all(values: list[float]) -> list[float]:

@@ -137,7 +137,8 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
     amp, _ = amp_precision.autocast(amp_precision.choose("auto", device, "") if device.type == "cuda" else "fp32",
                                     device)
     out = []
-    for x, _ in tqdm(loader(ds, cfg, device), desc=desc, leave=False, unit="batch", disable=None if ddp.is_main() else True):
+    quiet = None if ddp.is_main() else True  # one progress bar, rank 0's
+    for x, _ in tqdm(loader(ds, cfg, device), desc=desc, leave=False, unit="batch", disable=quiet):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with amp:
             probs = [F.softmax(model(apply_view(x, v, crop_scale)).float(), 1)[:, 1] for v in views]
@@ -185,8 +186,10 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     device = resolve_device(cfg.device)
     setup_device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
-    if cfg.sync_bn and ddp.active():
+    if cfg.sync_bn and ddp.active() and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.sync_bn and ddp.active():
+        log.warning("train.sync_bn is for GPUs (torch's SyncBatchNorm needs CUDA); BatchNorm stays per process here")
     opt = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = train_loader(train_ds, cfg, device)
     steps = max(1, len(batches))
@@ -196,7 +199,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
     precision = amp_precision.choose(cfg.precision, device, arch)
     amp, scaler = amp_precision.autocast(precision, device)
-    card = (f" ({torch.cuda.get_device_name(device)}, capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+    card = (f" ({torch.cuda.get_device_name(device)}, capability %d.%d)" % torch.cuda.get_device_capability(device)
             if device.type == "cuda" else "")
     log.info("Training %s on %s%s in %s (train.precision %s), channels_last, batch %d x %d process(es) = %d, "
              "%d loader worker(s)", arch, device, card, precision, cfg.precision, cfg.batch_size, ddp.world(),
@@ -253,6 +256,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         seen, total = ddp.sum_all([seen, total])
         metrics = {"train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
+        ddp.broadcast_buffers(ema.module)  # every rank validates (and rank 0 saves) the same model
         if val_ds is not None:
             p = predict(ema.module, val_ds, cfg, device, desc="validate", shard=True)[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 def train_config(p: dict, seed: int, **overrides) -> TrainConfig:
     """TrainConfig from a params section (train: or distill:), keeping only the keys it knows."""
     known = {f.name for f in fields(TrainConfig)}
+    # sync_bn means nothing in one process: it must not make a one-process run differ from another (resume).
     return TrainConfig(**{**{k: v for k, v in p.items() if k in known}, "seed": seed, "world_size": ddp.world(),
-                          **overrides})
+                          **({"sync_bn": False} if ddp.world() == 1 else {}), **overrides})
 
 
 def start_processes(module: str, p: dict) -> bool:
