@@ -16,9 +16,10 @@ STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 # Keys inside those sections that change only inference, speed or bookkeeping: changing them re-predicts
 # from the finished checkpoint instead of retraining (every other key retrains). train.refit adds a model beside
 # the folds without changing them; the refit model's own fingerprint holds what it depends on (its epochs).
-# train.gpus counts through the processes the model trained with (TrainConfig.world_size), not the param's spelling.
+# train.gpus and train.sync_bn count through what the run did with them (TrainConfig.world_size and .sync_bn, off in
+# one process), not through the params' spelling.
 INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
-                            "train.refit", "train.gpus", "distill.timing_images"})
+                            "train.refit", "train.gpus", "train.sync_bn", "distill.timing_images"})
 # The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
 TRAINING_CODE = ("engine.py", "losses.py", "batch_aug.py", "transforms.py", "dataset.py", "precision.py", "models.py")
 
