@@ -139,7 +139,8 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
 
     p, backbone = params["train"], params["train"]["backbones"][0]
     index, _ = load_cache(prepared)
-    label = index.set_index("img_name")["label"]
+    # The public layout's hidden rows are its test rows again (same names): labels from the train and test rows.
+    label = index[index["split"] != "hidden"].set_index("img_name")["label"]
     start = time.perf_counter()
     for k in sorted(pd.read_csv(folds_csv)["fold"].unique()):
         train_fold(prepared, folds_csv, out / f"fold{k}", fold=int(k), cfg=train_config(p, derived_seed(

@@ -47,3 +47,30 @@ def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared,
     assert len(pd.read_csv(tmp_path / "ablations.csv", comment="#")) == 2
     assert len((out / "ablations.jsonl").read_text().splitlines()) == 2 and json.loads(
         (out / "ablations.jsonl").read_text().splitlines()[1])["set"] == ["tta.views=[d4]"]
+
+
+def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare, tmp_path):
+    """The public layout's hidden rows repeat its test rows (same names): the test score must still be per cell."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from pipeline.bench import bench_ablate
+    from pipeline.folds import make_folds
+    from pipeline.params import load_params, with_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    prepared = download_prepare(root / "data" / "demo.zip", tmp_path / "demo", img_size=32)
+    index = prepared.index.astype({"img_name": str})
+    test_names = index.loc[index["split"] == "test", "img_name"]
+    assert set(test_names) == set(index.loc[index["split"] == "hidden", "img_name"])  # the premise
+    make_folds(index[index["split"] == "train"], n=2, group_by="patient", seed=0).to_csv(tmp_path / "folds.csv",
+                                                                                          index=False)
+    params = with_overrides(load_params(root / "params.yaml"), [
+        "data.img_size=32", "train.backbones=[resnet10t]", "train.epochs=1", "train.batch_size=64",
+        "train.num_workers=0", "train.device=cpu", "tta.views=[identity]"])
+    row = bench_ablate(prepared.out, tmp_path / "folds.csv", tmp_path / "ablate" / "base", params, "base", [])
+    n = len(test_names)
+    assert 0 < row["test_accuracy"] <= 1
+    # The SE is the binomial one of the test cells counted once each.
+    assert abs(row["test_accuracy_se"] - (row["test_accuracy"] * (1 - row["test_accuracy"]) / n) ** 0.5) < 1e-9
