@@ -1,5 +1,6 @@
 """Benchmarks (not stages): `train` compares training images/s per precision and input path; `plain` times the
-simplest competitor, one network on all training cells; `ablate` measures one switch (CV, test, minutes)."""
+simplest competitor, one network on all training cells; `ablate` measures one switch (CV, test, minutes); `errors`
+counts, per cell, how many ablation runs got it wrong (the cells every run misses bound what any of them can score)."""
 from __future__ import annotations
 
 import argparse
@@ -166,6 +167,35 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     return row
 
 
+def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) -> pd.DataFrame:
+    """Per training (out-of-fold) and labelled-test cell: in how many of the ablation runs (all under ablate_dir, or
+    `runs`) it was wrong at 0.5, each run's test call being its folds' mean probability, as bench_ablate scores it."""
+    index, _ = load_cache(prepared)
+    label = index[index["split"] != "hidden"].set_index("img_name")["label"]
+    read = lambda f: pd.read_csv(f, dtype={"img_name": str}).set_index("img_name")["prob_tta"]
+    names = runs or sorted(d.name for d in ablate_dir.iterdir() if list(d.glob("fold*/test.csv")))
+    wrong = {}
+    for name in names:
+        d = ablate_dir / name
+        if not list(d.glob("fold*/oof.csv")):
+            raise SystemExit(f"{d} holds no finished fold (fold*/oof.csv): run `python -m pipeline.bench ablate "
+                             f"--name {name}` first, or leave it out of --runs.")
+        oof = pd.concat(read(f) for f in sorted(d.glob("fold*/oof.csv")))
+        test = pd.concat([read(f) for f in sorted(d.glob("fold*/test.csv"))], axis=1).mean(axis=1)
+        wrong[name] = pd.concat([(p >= 0.5) != (label[p.index] == 1) for p in (oof, test)],
+                                keys=["cv", "test"], names=["split", "img_name"])
+    table = pd.DataFrame(wrong)  # a run whose folds.csv left a cell out did not score it: NaN, not counted
+    out = pd.DataFrame({"label": label[table.index.get_level_values("img_name")].to_numpy(),
+                        "runs_wrong": table.sum(axis=1).astype(int), "runs": table.notna().sum(axis=1)},
+                       index=table.index)
+    for split, rows in out.groupby(level="split"):
+        always = int((rows["runs_wrong"] == len(names)).sum())
+        print(f"{split}: {always} of {len(rows)} cells wrong in all {len(names)} runs "
+              f"({int((rows['runs_wrong'] > 0).sum())} in at least one): each of these runs, and their mean, "
+              f"scores at most {(len(rows) - always) / len(rows):.3f} here")
+    return out.sort_values("runs_wrong", ascending=False)
+
+
 def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
     """The ablation rows (the last of each name) as the CSV the report shows, `note` (the shared configuration and the
     machine) in its # header lines."""
@@ -181,7 +211,7 @@ def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["train", "plain", "ablate", "table"])
+    parser.add_argument("what", choices=["train", "plain", "ablate", "table", "errors"])
     parser.add_argument("--backbone", help="default: the first of train.backbones")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per path")
     parser.add_argument("--num-workers", help="default: train.num_workers (a number or auto)")
@@ -198,11 +228,17 @@ def main() -> None:
     parser.add_argument("--name", help="ablate: the run's name (default: the --set items)")
     parser.add_argument("--models", help="ablate: the run folder to use (default: the name); another run's, for a "
                         "change that only re-predicts (tta.*)")
+    parser.add_argument("--runs", nargs="+", help="errors: the ablation runs to count (default: all)")
     parser.add_argument("--note", default="", help="table: the configuration the rows share (CSV header lines)")
     parser.add_argument("--csv", type=Path, default=Path("notebooks/ablations.csv"), help="table: the CSV to write")
     args = parser.parse_args()
     if args.what == "table":
         print(ablation_table(args.out / "ablate" / "ablations.jsonl", args.csv, args.note).to_string(index=False))
+        return
+    if args.what == "errors":
+        table = run_errors(args.prepared, args.out / "ablate", args.runs)
+        table.to_csv(args.out / "ablate" / "errors.csv")
+        print(f"Per-cell counts in {args.out / 'ablate' / 'errors.csv'}")
         return
     params = load_params()
     if args.what == "ablate":

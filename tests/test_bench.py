@@ -74,3 +74,36 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
     assert 0 < row["test_accuracy"] <= 1
     # The SE is the binomial one of the test cells counted once each.
     assert abs(row["test_accuracy_se"] - (row["test_accuracy"] * (1 - row["test_accuracy"]) / n) ** 0.5) < 1e-9
+
+
+def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path, capsys):
+    import pandas as pd
+
+    from pipeline.bench import run_errors
+
+    index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
+    tr, te = (index[index["split"] == s].head(10) for s in ("train", "test"))
+
+    def write(run: str, fold: int, rows: pd.DataFrame, split: str, flip: set[str]) -> None:
+        right = rows["label"].to_numpy() * 0.8 + 0.1  # 0.9 for label 1, 0.1 for label 0: right at 0.5
+        prob = [1 - p if n in flip else p for n, p in zip(rows["img_name"], right)]
+        (tmp_path / run / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"img_name": rows["img_name"], "prob": prob, "prob_tta": prob}).to_csv(
+            tmp_path / run / f"fold{fold}" / f"{split}.csv", index=False)
+
+    a, b = tr["img_name"].iloc[0], tr["img_name"].iloc[1]
+    t = te["img_name"].iloc[0]
+    for run, wrong in (("r1", {a, b, t}), ("r2", {a, t})):
+        for fold, half in enumerate((tr.iloc[:5], tr.iloc[5:])):
+            write(run, fold, half, "oof", wrong)
+            write(run, fold, te, "test", wrong)
+    write("r3", 0, tr.iloc[1:], "oof", {a})  # a run that left cell a out of its folds and missed nothing
+    write("r3", 0, te, "test", set())
+    out = run_errors(nndl_prepared.out, tmp_path, ["r1", "r2"])
+    assert out.loc[("cv", a), "runs_wrong"] == 2 and out.loc[("cv", b), "runs_wrong"] == 1
+    assert out.loc[("test", t), "runs_wrong"] == 2 and out["runs_wrong"].sum() == 5
+    printed = capsys.readouterr().out
+    assert "cv: 1 of 10 cells wrong in all 2 runs (2 in at least one)" in printed and "at most 0.900" in printed
+    every = run_errors(nndl_prepared.out, tmp_path)  # all three runs: r3 did not score cell a and got t right
+    assert every.loc[("cv", a), ["runs_wrong", "runs"]].tolist() == [2, 2]
+    assert every.loc[("test", t), ["runs_wrong", "runs"]].tolist() == [2, 3]
