@@ -24,7 +24,7 @@ from pipeline.metrics import binary_metrics
 from pipeline.models import create_model, data_config
 from pipeline.params import load_params, with_overrides
 from pipeline.transforms import AugParams, build_transform
-from pipeline.workflow import derived_seed, train_config
+from pipeline.workflow import derived_seed, for_backbone, train_config
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,9 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, and minutes."""
     from pipeline.train import model_kwargs, train_fold  # a benchmark, not a stage: it may drive the train stage's code
 
-    p, backbone = params["train"], params["train"]["backbones"][0]
+    backbone = params["train"]["backbones"][0]
+    params = for_backbone(params, backbone)
+    p = params["train"]
     index, _ = load_cache(prepared)
     # The public layout's hidden rows are its test rows again (same names): labels from the train and test rows.
     label = index[index["split"] != "hidden"].set_index("img_name")["label"]
@@ -246,17 +248,18 @@ def main() -> None:
         bench_ablate(args.prepared, args.folds, args.out / "ablate" / (args.models or name),
                      with_overrides(params, args.set), name, args.set)
         return
-    t = params["train"]
+    backbone = args.backbone or params["train"]["backbones"][0]
+    t = for_backbone(params, backbone)["train"]
     workers = t["num_workers"] if args.num_workers is None else (
         args.num_workers if args.num_workers == "auto" else int(args.num_workers))
     if args.what == "plain":
         cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
                            **({"epochs": args.epochs} if args.epochs else {}))
-        bench_plain(args.prepared, args.out, backbone=args.backbone or t["backbones"][0], cfg=cfg,
+        bench_plain(args.prepared, args.out, backbone=backbone, cfg=cfg,
                     aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"])
         return
     cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])
-    bench_train(args.prepared, args.raw, backbone=args.backbone or t["backbones"][0], cfg=cfg,
+    bench_train(args.prepared, args.raw, backbone=backbone, cfg=cfg,
                 aug=AugParams(**params["augment"]), n_batches=args.batches, precision_list=args.precision)
 
 

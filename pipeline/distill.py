@@ -21,7 +21,8 @@ from pipeline.models import create_model, data_config, load_checkpoint, weights_
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
-from pipeline.workflow import data_digests, derived_seed, start_processes, train_config, train_logged, write_predictions
+from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
+                               write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = load_params()
+    params = for_backbone(params, params["distill"]["student"])
     t, d, tta = params["train"], params["distill"], params["tta"]
     if start_processes("pipeline.distill", t):
         return

@@ -124,16 +124,21 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     return model.to(device).eval(), ckpt
 
 
-def check_backbone(arch: str, img_size: int, key: str, drop_path_rate: float = 0.0, size_key: str = "data.img_size"
-                   ) -> None:
-    """Fail naming `key` unless timm knows `arch`, builds it with drop_path_rate and it runs at img_size (else name
-    the smallest size that works)."""
+def check_model_name(arch: str, key: str) -> None:
+    """Fail naming `key` unless timm knows `arch` (with the closest names it does know)."""
     if not timm.is_model(arch):
         import difflib
 
         close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         raise PipelineError(f"{key}: {arch!r} is not a timm model" +
                             (f"; close names: {', '.join(close)}." if close else "; see `timm.list_models('resnet*')`."))
+
+
+def check_backbone(arch: str, img_size: int, key: str, drop_path_rate: float = 0.0, size_key: str = "data.img_size"
+                   ) -> None:
+    """Fail naming `key` unless timm knows `arch`, builds it with drop_path_rate and it runs at img_size (else name
+    the smallest size that works)."""
+    check_model_name(arch, key)
     try:
         model = create_model(arch, drop_path_rate=drop_path_rate).eval()
     except TypeError as e:  # e.g. DenseNet has no stochastic depth

@@ -70,6 +70,8 @@ class Train(Section):
     epochs: int = Field(ge=1, le=1000, description="maximum epochs per (backbone, fold)")
     batch_size: int = Field(ge=2, le=8192, description="images per step (BatchNorm needs at least 2)")
     lr: float = Field(gt=0, le=1, description="peak AdamW learning rate (warmup, then cosine decay to lr/100)")
+    lr_by_backbone: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(
+        description="peak learning rate for these timm names (teacher or student), instead of train.lr")
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay")
     warmup_epochs: float = Field(ge=0, description="linear warmup, in epochs")
     label_smoothing: float = Field(ge=0, lt=0.5, description="label smoothing of the cross-entropy")
@@ -185,6 +187,8 @@ def _allowed(field) -> str:
         return " \\| ".join(f"`{a}`" for a in get_args(ann))
     if get_origin(ann) is Union:  # a choice or a number, e.g. auto | integer ≥ 0
         return " \\| ".join(_allowed(FieldInfo.from_annotation(a)) for a in get_args(ann))
+    if get_origin(ann) is dict:
+        return "map of timm name: number > 0, ≤ 1"
     name = {int: "integer", float: "number", bool: "true/false", str: "text"}.get(ann, "list of names")
     bounds = []
     for m in field.metadata:

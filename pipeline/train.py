@@ -23,7 +23,8 @@ from pipeline.models import create_model, data_config, weights_digest
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
-from pipeline.workflow import data_digests, derived_seed, start_processes, train_config, train_logged, write_predictions
+from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
+                               write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--fold", type=int, action="append",
                         help="train only this fold (repeatable; outside DVC, e.g. to try one fold first)")
     args = parser.parse_args()
-    params = load_params()
+    params = for_backbone(load_params(), args.backbone)
     p = params["train"]
     if start_processes("pipeline.train", p):
         return

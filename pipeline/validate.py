@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.batch_aug import progressive_size
 from pipeline.common import run_main
-from pipeline.models import check_backbone
+from pipeline.models import check_backbone, check_model_name
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ def validate(params_file: Path) -> dict:
     for i, name in enumerate(t["backbones"]):
         check_backbone(name, size, f"train.backbones[{i}]", t["drop_path_rate"], size_key)
     check_backbone(params["distill"]["student"], size, "distill.student", t["drop_path_rate"], size_key)
+    for name in t["lr_by_backbone"]:  # a misspelt name would silently leave its model at train.lr
+        check_model_name(name, "train.lr_by_backbone")
     return params
 
 

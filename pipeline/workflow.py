@@ -20,6 +20,14 @@ from pipeline.models import load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 
 
+def for_backbone(params: dict, backbone: str) -> dict:
+    """params as one model sees them: train.lr is train.lr_by_backbone's entry for `backbone` when it has one, and the
+    map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be)."""
+    t = {k: v for k, v in params["train"].items() if k != "lr_by_backbone"}
+    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])
+    return {**params, "train": t}
+
+
 def train_config(p: dict, seed: int, **overrides) -> TrainConfig:
     """TrainConfig from a params section (train: or distill:), keeping only the keys it knows."""
     known = {f.name for f in fields(TrainConfig)}

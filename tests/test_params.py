@@ -60,6 +60,7 @@ BAD = [  # key, bad value, words the message must hold besides the key
     ("augment.flip", 1.5, ["1.5", "less than or equal to 1"]),
     ("train.backbones", ["resnet10tt"], ["'resnet10tt' is not a timm model", "resnet10t"]),
     ("distill.student", "efficientnet_b00", ["not a timm model", "efficientnet_b0"]),
+    ("train.lr_by_backbone", {"densenet-121": 0.002}, ["'densenet-121' is not a timm model", "densenet121"]),
     ("train.backbones", ["inception_v3"], [f"inception_v3 cannot run at data.img_size {PARAMS['data']['img_size']}",
                                            "smallest size it runs at is 75"]),
 ]
@@ -101,9 +102,12 @@ def test_stages_get_typed_values(tmp_path):
 
 
 def leaves(node, prefix=""):
-    if isinstance(node, dict):
+    if isinstance(node, dict) and prefix not in MAP_KEYS:
         return {k for key, sub in node.items() for k in leaves(sub, f"{prefix}{key}.")}
     return {prefix[:-1]}
+
+
+MAP_KEYS = {"train.lr_by_backbone."}  # keys whose value is a map of names: a leaf of the schema
 
 
 def test_schema_params_yaml_and_readme_agree():
@@ -177,3 +181,23 @@ def test_readme_presets_are_valid_params(tmp_path):
             params["data"]["path"] = params["data"]["path"] or "x.zip"
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params))
         load_params(tmp_path / f"{name}.yaml")  # raises naming the bad key
+
+
+def test_a_bad_lr_by_backbone_value_names_its_entry(tmp_path, monkeypatch, capsys):
+    code, err = run_validate(with_value("train.lr_by_backbone", {"densenet121": 0}), tmp_path, monkeypatch, capsys)
+    assert code == 1 and "train.lr_by_backbone.densenet121: 0 is not allowed: Input should be greater than 0" in err
+
+
+def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
+    from pipeline import fingerprint as fp
+    from pipeline.workflow import for_backbone, train_config
+
+    params = with_value("train.lr_by_backbone", {"densenet121": 0.002})
+    dense, res = for_backbone(params, "densenet121"), for_backbone(params, "resnet10t")
+    assert train_config(dense["train"], 0).lr == 0.002 and train_config(res["train"], 0).lr == params["train"]["lr"]
+    # Another backbone's entry is not part of a model's fingerprint: changing DenseNet's lr does not retrain ResNet.
+    other = with_value("train.lr_by_backbone", {"densenet121": 0.001})
+    learned = lambda p, name: fp.learned_params(for_backbone(p, name), fp.TEACHER_PARAMS)
+    assert learned(params, "resnet10t") == learned(other, "resnet10t")
+    assert learned(params, "densenet121") != learned(other, "densenet121")
+    assert "train.lr_by_backbone" not in learned(params, "densenet121")
