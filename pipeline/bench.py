@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.common import run_main, seed_everything
+from pipeline.common import PipelineError, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline import precision as amp_precision
 from pipeline.engine import TrainConfig, fit, predict, resolve_device, setup_device, train_loader, workers
@@ -169,19 +169,20 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     return row
 
 
-def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) -> pd.DataFrame:
+def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Per training (out-of-fold) and labelled-test cell: in how many of the ablation runs (all under ablate_dir, or
-    `runs`) it was wrong at 0.5, each run's test call being its folds' mean probability, as bench_ablate scores it."""
+    `runs`) it was wrong at 0.5, each run's test call its folds' mean probability; and one summary line per split.
+    The single-view `prob` is read: a TTA-only row (--models) rewrites a run's `prob_tta`, never its `prob`."""
     index, _ = load_cache(prepared)
-    label = index[index["split"] != "hidden"].set_index("img_name")["label"]
-    read = lambda f: pd.read_csv(f, dtype={"img_name": str}).set_index("img_name")["prob_tta"]
+    label = index[index["split"] != "hidden"].drop_duplicates("img_name").set_index("img_name")["label"]
+    read = lambda f: pd.read_csv(f, dtype={"img_name": str}).drop_duplicates("img_name").set_index("img_name")["prob"]
     names = runs or sorted(d.name for d in ablate_dir.iterdir() if list(d.glob("fold*/test.csv")))
     wrong = {}
     for name in names:
         d = ablate_dir / name
-        if not list(d.glob("fold*/oof.csv")):
-            raise SystemExit(f"{d} holds no finished fold (fold*/oof.csv): run `python -m pipeline.bench ablate "
-                             f"--name {name}` first, or leave it out of --runs.")
+        if not list(d.glob("fold*/oof.csv")) or not list(d.glob("fold*/test.csv")):
+            raise PipelineError(f"{d} holds no finished fold (fold*/oof.csv and test.csv): run `python -m pipeline.bench "
+                                f"ablate --name {name}` first, or leave it out of --runs.")
         oof = pd.concat(read(f) for f in sorted(d.glob("fold*/oof.csv")))
         test = pd.concat([read(f) for f in sorted(d.glob("fold*/test.csv"))], axis=1).mean(axis=1)
         wrong[name] = pd.concat([(p >= 0.5) != (label[p.index] == 1) for p in (oof, test)],
@@ -190,12 +191,13 @@ def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) 
     out = pd.DataFrame({"label": label[table.index.get_level_values("img_name")].to_numpy(),
                         "runs_wrong": table.sum(axis=1).astype(int), "runs": table.notna().sum(axis=1)},
                        index=table.index)
+    summary = []
     for split, rows in out.groupby(level="split"):
         always = int((rows["runs_wrong"] == len(names)).sum())
-        print(f"{split}: {always} of {len(rows)} cells wrong in all {len(names)} runs "
-              f"({int((rows['runs_wrong'] > 0).sum())} in at least one): each of these runs, and their mean, "
-              f"scores at most {(len(rows) - always) / len(rows):.3f} here")
-    return out.sort_values("runs_wrong", ascending=False)
+        summary.append(f"{split}: {always} of {len(rows)} cells wrong in all {len(names)} runs "
+                       f"({int((rows['runs_wrong'] > 0).sum())} in at least one): each of these runs, and their mean, "
+                       f"scores at most {(len(rows) - always) / len(rows):.3f} here")
+    return out.sort_values("runs_wrong", ascending=False), summary
 
 
 def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
@@ -238,9 +240,9 @@ def main() -> None:
         print(ablation_table(args.out / "ablate" / "ablations.jsonl", args.csv, args.note).to_string(index=False))
         return
     if args.what == "errors":
-        table = run_errors(args.prepared, args.out / "ablate", args.runs)
+        table, summary = run_errors(args.prepared, args.out / "ablate", args.runs)
         table.to_csv(args.out / "ablate" / "errors.csv")
-        print(f"Per-cell counts in {args.out / 'ablate' / 'errors.csv'}")
+        print("\n".join(summary) + f"\nPer-cell counts in {args.out / 'ablate' / 'errors.csv'}")
         return
     params = load_params()
     if args.what == "ablate":

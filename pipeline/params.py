@@ -180,6 +180,18 @@ def schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> dict[str, 
     return out
 
 
+def map_keys(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:
+    """The dotted keys whose value is a map of names (their entries are the user's, not the schema's)."""
+    out = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= map_keys(ann, f"{prefix}{name}.")
+        elif get_origin(ann) is dict:
+            out.add(f"{prefix}{name}")
+    return out
+
+
 def _allowed(field) -> str:
     """What a field accepts, in words: its choices, or its type and range."""
     ann = field.annotation
@@ -187,8 +199,8 @@ def _allowed(field) -> str:
         return " \\| ".join(f"`{a}`" for a in get_args(ann))
     if get_origin(ann) is Union:  # a choice or a number, e.g. auto | integer ≥ 0
         return " \\| ".join(_allowed(FieldInfo.from_annotation(a)) for a in get_args(ann))
-    if get_origin(ann) is dict:
-        return "map of timm name: number > 0, ≤ 1"
+    if get_origin(ann) is dict:  # e.g. train.lr_by_backbone: its values' range
+        return f"map of timm name: {_allowed(FieldInfo.from_annotation(get_args(ann)[1]))}"
     name = {int: "integer", float: "number", bool: "true/false", str: "text"}.get(ann, "list of names")
     bounds = []
     for m in field.metadata:
@@ -265,17 +277,27 @@ def load_params(path: str | Path = "params.yaml") -> dict:
 
 
 def with_overrides(params: dict, sets: list[str], source: str = "--set") -> dict:
-    """params with `key=value` overrides (dotted keys, YAML values, as `dvc exp run -S`), checked against the schema."""
+    """params with `key=value` overrides (dotted keys, YAML values), checked against the schema, as `dvc exp run -S`
+    (Hydra) reads them: `+key=value` adds a map's entry, `~key` removes one, a map value merges into the map."""
     out = json.loads(json.dumps(params))
     for item in sets:
-        key, sep, value = item.partition("=")
+        op = item[0] if item[:1] in ("+", "~") else ""
+        key, sep, value = item[len(op):].partition("=")
         *path, leaf = key.split(".")
         node = out
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
-        if not sep or not isinstance(node, dict) or leaf not in node:
-            raise PipelineError(f"{source} {item!r}: expected key=value with a key of params.yaml, e.g. train.mixup=0.2")
-        node[leaf] = yaml.load(value, Loader=_Yaml12Floats)
+        in_map = ".".join(path) in map_keys()  # e.g. train.lr_by_backbone.densenet121
+        if not isinstance(node, dict) or (op and not in_map) or (op == "~") == bool(sep) or (
+                (leaf in node) == (op == "+")):
+            raise PipelineError(f"{source} {item!r}: expected key=value with a key of params.yaml, e.g. train.mixup=0.2"
+                                " (a new entry of a map: +train.lr_by_backbone.resnet18=0.001; remove one: "
+                                "~train.lr_by_backbone.densenet121)")
+        if op == "~":
+            del node[leaf]
+            continue
+        new = yaml.load(value, Loader=_Yaml12Floats)
+        node[leaf] = {**node[leaf], **new} if isinstance(new, dict) and isinstance(node.get(leaf), dict) else new
     try:
         return Params.model_validate(out).model_dump()
     except ValidationError as e:

@@ -131,6 +131,7 @@ def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None
 
 def model_kwargs(params: dict, backbone: str) -> dict:
     """The keyword arguments train_fold and train_full take from params.yaml, for one backbone."""
+    params = for_backbone(params, backbone)  # its own lr, and no other model's in its fingerprint
     p, tta = params["train"], params["tta"]
     return dict(backbone=backbone, aug=AugParams(**params["augment"]), pretrained=p["pretrained"],
                 weights_dir=p["weights_dir"], drop_rate=p["drop_rate"], views=expand_views(tta["views"]),

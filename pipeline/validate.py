@@ -25,6 +25,9 @@ def validate(params_file: Path) -> dict:
     check_backbone(params["distill"]["student"], size, "distill.student", t["drop_path_rate"], size_key)
     for name in t["lr_by_backbone"]:  # a misspelt name would silently leave its model at train.lr
         check_model_name(name, "train.lr_by_backbone")
+        if name not in (*t["backbones"], params["distill"]["student"]):
+            log.warning("train.lr_by_backbone.%s applies to no model of this run (not in train.backbones, not "
+                        "distill.student)", name)
     return params
 
 

@@ -24,7 +24,7 @@ def for_backbone(params: dict, backbone: str) -> dict:
     """params as one model sees them: train.lr is train.lr_by_backbone's entry for `backbone` when it has one, and the
     map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be)."""
     t = {k: v for k, v in params["train"].items() if k != "lr_by_backbone"}
-    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])
+    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])  # idempotent: the map is gone after
     return {**params, "train": t}
 
 

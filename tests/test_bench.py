@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench plain`: one network on all training cells, the pipeline's bar, scored on the labelled test."""
+"""`python -m pipeline.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors."""
 from __future__ import annotations
 
 from pipeline.bench import bench_plain
@@ -70,13 +70,15 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
         "data.img_size=32", "train.backbones=[resnet10t]", "train.epochs=1", "train.batch_size=64",
         "train.num_workers=0", "train.device=cpu", "tta.views=[identity]"])
     row = bench_ablate(prepared.out, tmp_path / "folds.csv", tmp_path / "ablate" / "base", params, "base", [])
-    n = len(test_names)
-    assert 0 < row["test_accuracy"] <= 1
-    # The SE is the binomial one of the test cells counted once each.
-    assert abs(row["test_accuracy_se"] - (row["test_accuracy"] * (1 - row["test_accuracy"]) / n) ** 0.5) < 1e-9
+    # The row's test accuracy is the folds' mean call on each test cell against its own label.
+    tests = [pd.read_csv(f, dtype={"img_name": str})
+             for f in sorted((tmp_path / "ablate" / "base").glob("fold*/test.csv"))]
+    prob = sum(t["prob_tta"].to_numpy() for t in tests) / len(tests)
+    label = index[index["split"] == "test"].set_index("img_name")["label"][tests[0]["img_name"]].to_numpy()
+    assert len(prob) == len(test_names) and row["test_accuracy"] == ((prob >= 0.5) == (label == 1)).mean()
 
 
-def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path, capsys):
+def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path):
     import pandas as pd
 
     from pipeline.bench import run_errors
@@ -88,7 +90,8 @@ def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path,
         right = rows["label"].to_numpy() * 0.8 + 0.1  # 0.9 for label 1, 0.1 for label 0: right at 0.5
         prob = [1 - p if n in flip else p for n, p in zip(rows["img_name"], right)]
         (tmp_path / run / f"fold{fold}").mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"img_name": rows["img_name"], "prob": prob, "prob_tta": prob}).to_csv(
+        # prob_tta as a TTA-only row left it (every call flipped): errors reads the single-view prob.
+        pd.DataFrame({"img_name": rows["img_name"], "prob": prob, "prob_tta": [1 - q for q in prob]}).to_csv(
             tmp_path / run / f"fold{fold}" / f"{split}.csv", index=False)
 
     a, b = tr["img_name"].iloc[0], tr["img_name"].iloc[1]
@@ -99,11 +102,11 @@ def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path,
             write(run, fold, te, "test", wrong)
     write("r3", 0, tr.iloc[1:], "oof", {a})  # a run that left cell a out of its folds and missed nothing
     write("r3", 0, te, "test", set())
-    out = run_errors(nndl_prepared.out, tmp_path, ["r1", "r2"])
+    out, summary = run_errors(nndl_prepared.out, tmp_path, ["r1", "r2"])
     assert out.loc[("cv", a), "runs_wrong"] == 2 and out.loc[("cv", b), "runs_wrong"] == 1
     assert out.loc[("test", t), "runs_wrong"] == 2 and out["runs_wrong"].sum() == 5
-    printed = capsys.readouterr().out
-    assert "cv: 1 of 10 cells wrong in all 2 runs (2 in at least one)" in printed and "at most 0.900" in printed
-    every = run_errors(nndl_prepared.out, tmp_path)  # all three runs: r3 did not score cell a and got t right
+    assert summary[0].startswith("cv: 1 of 10 cells wrong in all 2 runs (2 in at least one)")
+    assert summary[0].endswith("at most 0.900 here") and summary[1].startswith("test: 1 of 10 cells wrong in all 2")
+    every, _ = run_errors(nndl_prepared.out, tmp_path)  # all three runs: r3 did not score cell a and got t right
     assert every.loc[("cv", a), ["runs_wrong", "runs"]].tolist() == [2, 2]
     assert every.loc[("test", t), ["runs_wrong", "runs"]].tolist() == [2, 3]

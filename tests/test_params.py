@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.common import PipelineError
 from pipeline.params import load_params, params_table, schema_keys
 from pipeline.validate import main as validate_main
 
@@ -201,3 +202,23 @@ def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
     assert learned(params, "resnet10t") == learned(other, "resnet10t")
     assert learned(params, "densenet121") != learned(other, "densenet121")
     assert "train.lr_by_backbone" not in learned(params, "densenet121")
+    # The train stage's fingerprints come through model_kwargs, which resolves the map itself.
+    from pipeline.train import model_kwargs
+
+    kept = model_kwargs(params, "densenet121")["learned"]
+    assert kept["train.lr"] == 0.002 and not any(k.startswith("train.lr_by_backbone") for k in kept)
+
+
+def test_overrides_read_a_map_as_dvc_exp_run_does():
+    """`dvc exp run -S` (Hydra): +key adds a map's entry, ~key removes one, a map value merges; with_overrides agrees."""
+    from pipeline.params import with_overrides
+
+    lrs = lambda *sets: with_overrides(PARAMS, list(sets))["train"]["lr_by_backbone"]
+    assert lrs("+train.lr_by_backbone.resnet18=0.001") == {"densenet121": 0.002, "resnet18": 0.001}
+    assert lrs("~train.lr_by_backbone.densenet121") == {}
+    assert lrs("train.lr_by_backbone.densenet121=0.001") == {"densenet121": 0.001}
+    assert lrs("train.lr_by_backbone={}") == {"densenet121": 0.002}  # merged, as DVC does: {} clears nothing
+    for bad in ("train.lr_by_backbone.resnet18=0.001", "+train.lr_by_backbone.densenet121=0.1", "~train.lr",
+                "+train.lrr=1", "~train.lr_by_backbone.resnet18"):
+        with pytest.raises(PipelineError, match="a new entry of a map: \\+train.lr_by_backbone"):
+            with_overrides(PARAMS, [bad])
