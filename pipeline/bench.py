@@ -132,6 +132,11 @@ def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, a
     return result
 
 
+def labels_by_name(index: pd.DataFrame) -> pd.Series:
+    """Each labelled cell's label by img_name, once: the public layout's hidden rows repeat its test rows' names."""
+    return index[index["split"] != "hidden"].drop_duplicates("img_name").set_index("img_name")["label"]
+
+
 def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name: str, sets: list[str]) -> dict:
     """One ablation row: the first of train.backbones on every fold of folds_csv with these params (the train stage's
     own train_fold and seeds; finished folds are reused, so a TTA-only change only re-predicts): OOF accuracy and
@@ -142,8 +147,7 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     params = for_backbone(params, backbone)
     p = params["train"]
     index, _ = load_cache(prepared)
-    # The public layout's hidden rows are its test rows again (same names): labels from the train and test rows.
-    label = index[index["split"] != "hidden"].set_index("img_name")["label"]
+    label = labels_by_name(index)
     start = time.perf_counter()
     for k in sorted(pd.read_csv(folds_csv)["fold"].unique()):
         train_fold(prepared, folds_csv, out / f"fold{k}", fold=int(k), cfg=train_config(p, derived_seed(
@@ -174,7 +178,7 @@ def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) 
     `runs`) it was wrong at 0.5, each run's test call its folds' mean probability; and one summary line per split.
     The single-view `prob` is read: a TTA-only row (--models) rewrites a run's `prob_tta`, never its `prob`."""
     index, _ = load_cache(prepared)
-    label = index[index["split"] != "hidden"].drop_duplicates("img_name").set_index("img_name")["label"]
+    label = labels_by_name(index)
     read = lambda f: pd.read_csv(f, dtype={"img_name": str}).drop_duplicates("img_name").set_index("img_name")["prob"]
     names = runs or sorted(d.name for d in ablate_dir.iterdir() if list(d.glob("fold*/test.csv")))
     wrong = {}
