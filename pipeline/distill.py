@@ -22,7 +22,7 @@ from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
 from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
-                               write_predictions)
+                               write_split_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
                             cfg, out, params, fingerprint)
     ckpt = out / "checkpoint.pt"
     test_rows = split_rows(index, "test")
-    test = write_predictions(model, images, index, test_rows, out / "test.csv", cfg, views, crop_scale, eval_tf)
-    write_predictions(model, images, index, split_rows(index, "hidden"), out / "hidden.csv", cfg, views, crop_scale,
-                      eval_tf)
+    test = write_split_predictions(model, images, index, out, cfg, views, crop_scale, eval_tf)["test"]
     if not ddp.is_main():  # rank 0 times the models and writes the scores
         return {}
     y = labels[test_rows].astype(int)

@@ -16,7 +16,7 @@ import torch
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline.common import PipelineError, run_main, seed_everything
-from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.dataset import CellDataset, load_cache, targets
 from pipeline.engine import TrainConfig
 from pipeline.losses import LabelLoss
 from pipeline.models import create_model, data_config, weights_digest
@@ -24,7 +24,7 @@ from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
 from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
-                               write_predictions)
+                               write_predictions, write_split_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,7 @@ def _fit_and_predict(index: pd.DataFrame, images: np.ndarray, tr: np.ndarray, va
                                LabelLoss(cfg.label_smoothing), cfg, out, params, fingerprint)
     oof = None if va is None else write_predictions(model, images, index, va, out / "oof.csv", cfg, views,
                                                     crop_scale, eval_tf)
-    for split in ("test", "hidden"):
-        write_predictions(model, images, index, split_rows(index, split), out / f"{split}.csv", cfg, views,
-                          crop_scale, eval_tf)
+    write_split_predictions(model, images, index, out, cfg, views, crop_scale, eval_tf)
     return best, oof
 
 

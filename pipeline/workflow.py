@@ -76,6 +76,27 @@ def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfi
     return df
 
 
+def write_split_predictions(model, images, index, out: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
+                            transform, splits=("test", "hidden")) -> dict[str, pd.DataFrame]:
+    """write_predictions for each split into out/<split>.csv; a split holding the same images as an earlier one (the
+    public layout's hidden set is its test holdout) reuses that table instead of predicting them again."""
+    tables, done = {}, {}
+    for split in splits:
+        rows = np.flatnonzero(index["split"].to_numpy() == split)
+        same = next((s for s, r in done.items() if len(r) == len(rows)
+                     and (index["img_name"].to_numpy()[r] == index["img_name"].to_numpy()[rows]).all()
+                     and np.array_equal(images[r], images[rows])), None)
+        if same is None:
+            tables[split] = write_predictions(model, images, index, rows, out / f"{split}.csv", cfg, views,
+                                              crop_scale, transform)
+            done[split] = rows
+        else:
+            tables[split] = tables[same]
+            if ddp.is_main():
+                tables[split].to_csv(out / f"{split}.csv", index=False, float_format="%.6f")
+    return tables
+
+
 def _checkpoint_differences(ckpt: Path, last: Path, fingerprint: dict) -> list[str]:
     """What differs between the kept checkpoint's inputs and this run's, or between it and the epoch last.pt
     says was kept (a kill between writing the two); empty when both belong to this run."""

@@ -144,3 +144,39 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
     with pytest.raises(PipelineError, match="train.device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_hidden_set_equal_to_test_is_predicted_once(download_prepare, nndl_prepared, tmp_path, monkeypatch):
+    """The public layout's hidden set is its test holdout: one pass serves both CSVs; distinct sets get their own."""
+    from pipeline import workflow
+
+    calls = []
+
+    def fake_predict(model, ds, cfg, device, names, crop_scale, desc="", shard=False):
+        calls.append(desc)  # the pixels' mean stands in for a model, so a wrong row or split would show in the CSV
+        return np.repeat(ds.images.reshape(len(ds), -1).mean(1, keepdims=True) / 255, len(names), axis=1)
+
+    monkeypatch.setattr(workflow, "predict", fake_predict)
+    cfg = TrainConfig(num_workers=0, device="cpu")
+    public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
+    out = tmp_path / "out"
+    out.mkdir()
+    tables = workflow.write_split_predictions(None, public.images, public.index, out, cfg, ["identity"], 0.875, None)
+    assert calls == ["test"]
+    assert (out / "hidden.csv").read_bytes() == (out / "test.csv").read_bytes()
+    hidden = public.index[public.index["split"] == "hidden"]
+    assert tables["hidden"]["img_name"].tolist() == hidden["img_name"].tolist()
+    np.testing.assert_allclose(tables["hidden"]["prob"], public.images[hidden.index].reshape(len(hidden), -1).mean(1)
+                               / 255, atol=1e-6)
+
+    calls.clear()  # the same names with other pixels are other images: predicted again
+    changed = public.images.copy()
+    changed[hidden.index[0]] ^= 1
+    workflow.write_split_predictions(None, changed, public.index, out, cfg, ["identity"], 0.875, None)
+    assert calls == ["test", "hidden"]
+
+    calls.clear()  # the competition bundle's hidden set is its own
+    tables = workflow.write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, out, cfg, ["identity"],
+                                              0.875, None)
+    assert calls == ["test", "hidden"]
+    assert set(tables["hidden"]["img_name"]).isdisjoint(tables["test"]["img_name"])
