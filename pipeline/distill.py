@@ -27,16 +27,20 @@ from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_p
 log = logging.getLogger(__name__)
 
 
-def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, views: list[str], crop_scale: float,
-                 aug: AugParams) -> float:
-    """Wall time per image to predict `images` with every checkpoint and view (models loaded beforehand)."""
+def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
+                 crop_scale: float, aug: AugParams) -> dict[str, float]:
+    """Wall time per image to predict `images` with every checkpoint, per named set of views (models loaded once,
+    beforehand: a second set must not pay for loading the models again)."""
     device = resolve_device(cfg.device)
     models = [load_checkpoint(c, device) for c in checkpoints]
-    start = time.perf_counter()
-    for model, ck in models:
-        ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
-        predict(model, ds, cfg, device, views, crop_scale, desc="timing")
-    return 1000 * (time.perf_counter() - start) / len(images)
+    out = {}
+    for name, views in view_sets.items():
+        start = time.perf_counter()
+        for model, ck in models:
+            ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
+            predict(model, ds, cfg, device, views, crop_scale, desc="timing")
+        out[name] = 1000 * (time.perf_counter() - start) / len(images)
+    return out
 
 
 def unlabelled_rows(index: pd.DataFrame, ensemble_dir: Path, mode: str, teacher_column: str
@@ -121,15 +125,16 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     refit = set(ens_scores.get("refit", {}).get("backbones", []))
     teachers = sorted(p for b in backbones
                       for p in (models_dir / b).glob("full/checkpoint.pt" if b in refit else "fold*/checkpoint.pt"))
+    view_sets = {"plain": ["identity"], "tta": views}
+    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, crop_scale, aug)
+    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, crop_scale, aug)
     report = {
-        "student": {"test": binary_metrics(y, test["prob"]),
-                    "ms_per_image": ms_per_image([ckpt], sample, cfg, ["identity"], crop_scale, aug)},
-        "student_tta": {"test": binary_metrics(y, test["prob_tta"]),
-                        "ms_per_image": ms_per_image([ckpt], sample, cfg, views, crop_scale, aug)},
+        "student": {"test": binary_metrics(y, test["prob"]), "ms_per_image": student_ms["plain"]},
+        "student_tta": {"test": binary_metrics(y, test["prob_tta"]), "ms_per_image": student_ms["tta"]},
         "ensemble": {"test": ens["ensemble"]["test"], "n_models": len(teachers),
-                     "ms_per_image": ms_per_image(teachers, sample, cfg, ["identity"], crop_scale, aug)},
+                     "ms_per_image": teachers_ms["plain"]},
         "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
-                         "ms_per_image": ms_per_image(teachers, sample, cfg, views, crop_scale, aug)},
+                         "ms_per_image": teachers_ms["tta"]},
     }
     report["unlabelled"] = {"mode": unlabelled, "images": int(len(extra)), "test_transductive": transductive}
     report["test_seen"] = labelled_test_seen(index)  # the test images were training images (data.train_on_test)

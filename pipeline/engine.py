@@ -115,9 +115,15 @@ def train_loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoa
                       prefetch_factor=4 if n > 0 else None)
 
 
+EVAL_BATCH_CPU = 128  # the smallest prediction batch on a CPU
+
+
 def loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
-    """In-order batches, for prediction."""
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers(cfg, device),
+    """In-order batches, for prediction (and validation)."""
+    # Without gradients a CPU predicts faster in bigger batches (48 px, 2 cores, 128 against 32: DenseNet-121 1.16x,
+    # EfficientNet-B0 1.37x, ResNet10-T 1.16x); a GPU keeps the training batch, which is known to fit its memory.
+    batch = cfg.batch_size if device.type == "cuda" else max(cfg.batch_size, EVAL_BATCH_CPU)
+    return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers(cfg, device),
                       pin_memory=device.type == "cuda")
 
 

@@ -161,3 +161,14 @@ def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(io.StringIO(r.stdout))
     np.testing.assert_allclose(df["prob"], pipeline_probs(exported_student.student, files, 32), atol=1e-4)
+
+
+def test_cpu_predicts_in_batches_of_at_least_128_and_a_gpu_in_the_training_batch():
+    """Bigger batches predict faster on a CPU; on a GPU the training batch is the one known to fit in memory."""
+    from pipeline.engine import EVAL_BATCH_CPU, loader
+
+    ds = CellDataset(np.zeros((300, 8, 8, 3), np.uint8), targets(np.zeros(300)), lambda image: {"image": image})
+    assert EVAL_BATCH_CPU == 128
+    assert loader(ds, TrainConfig(batch_size=32), torch.device("cpu")).batch_size == 128
+    assert loader(ds, TrainConfig(batch_size=256), torch.device("cpu")).batch_size == 256
+    assert loader(ds, TrainConfig(batch_size=32), torch.device("cuda")).batch_size == 32
