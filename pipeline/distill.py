@@ -33,6 +33,9 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
     beforehand: a second set must not pay for loading the models again)."""
     device = resolve_device(cfg.device)
     models = [load_checkpoint(c, device) for c in checkpoints]
+    for model, ck in models:  # warm-up: the first batch pays for the kernels' setup, which no set should be timed for
+        predict(model, CellDataset(images[:8], targets(np.zeros(8)), build_transform(False, aug, **ck["data_config"])),
+                cfg, device, ["identity"], crop_scale, desc="warm-up")
     out = {}
     for name, views in view_sets.items():
         start = time.perf_counter()
