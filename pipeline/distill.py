@@ -33,14 +33,15 @@ def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, 
     beforehand: a second set must not pay for loading the models again)."""
     device = resolve_device(cfg.device)
     models = [load_checkpoint(c, device) for c in checkpoints]
-    for model, ck in models:  # warm-up: the first batch pays for the kernels' setup, which no set should be timed for
-        predict(model, CellDataset(images[:8], targets(np.zeros(8)), build_transform(False, aug, **ck["data_config"])),
-                cfg, device, ["identity"], crop_scale, desc="warm-up")
+    sets = [CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
+            for _, ck in models]
+    # An untimed pass first: a model's first batches of each shape pay for the kernels' setup (oneDNN, cuDNN).
+    for (model, _), ds in zip(models, sets):
+        predict(model, ds, cfg, device, ["identity"], crop_scale, desc="warm-up")
     out = {}
     for name, views in view_sets.items():
         start = time.perf_counter()
-        for model, ck in models:
-            ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
+        for (model, _), ds in zip(models, sets):
             predict(model, ds, cfg, device, views, crop_scale, desc="timing")
         out[name] = 1000 * (time.perf_counter() - start) / len(images)
     return out

@@ -154,7 +154,7 @@ def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_s
     (out / "metrics.json").write_text(json.dumps({name: {"test_accuracy": round(formats[name]["accuracy"], 4)}
                                                   for name in files}, indent=2))
     manifest = {
-        "format": "onnx", "arch": ck["arch"],
+        "format": "onnx", "arch": ck["arch"], "parameters": sum(p.numel() for p in model.parameters()),
         "models": {"student": {"file": files["onnx_fp32"].name},
                    "student-int8": {"file": files["onnx_int8"].name, "kept": int8["kept"], "reason": int8["reason"]}},
         "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "channel_order": "RGB",

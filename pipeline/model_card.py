@@ -124,8 +124,6 @@ def oof_errors(oof_csv: Path, folds_csv: Path, ensemble_scores: Path) -> tuple[s
 
 def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, export: str, params: dict) -> str:
     """The exported student's model card, in markdown, from this run's outputs."""
-    import timm
-
     manifest = json.loads(Path(export, "model.json").read_text())
     scores = json.loads(Path(export, "scores.json").read_text())
     index = pd.read_csv(Path(prepared, "index.csv"), dtype={"img_name": str})
@@ -152,7 +150,7 @@ def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, ex
                       for name, m in manifest["models"].items())
     return CARD.format(
         arch=arch, banner=banner, out=manifest["output"], threshold=manifest["threshold"], inp=manifest["input"],
-        n_params=sum(p.numel() for p in timm.create_model(arch, num_classes=2).parameters()) / 1e6,
+        n_params=manifest["parameters"] / 1e6,
         shape=" × ".join(map(str, manifest["input"]["shape"])), files=files, export=export,
         commit=manifest.get("git_commit", "unknown"), source=source, nih=NIH if d["source"] != "synthetic" else "",
         splits=md_table(split), f=params["folds"], t=params["train"], ds=params["distill"], img_size=d["img_size"],

@@ -172,7 +172,8 @@ def main() -> None:
     parser.add_argument("--export", type=Path, default=Path("data/export"), help="the export stage's folder")
     parser.add_argument("--models", type=Path, default=Path("data/models"), help="the fold checkpoints (ensemble)")
     parser.add_argument("--ensemble", type=Path, default=Path("data/ensemble"), help="the blend (ensemble)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch (torch checkpoints on a CPU predict in batches of at least 128)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: every core)")
     args = parser.parse_args()
     size = image_size(args.model, args.export, args.models)

@@ -71,29 +71,33 @@ def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfi
     probs = predict(model, ds, cfg, resolve_device(cfg.device), names, crop_scale, desc=out_csv.stem, shard=True)
     df = pd.DataFrame({"img_name": index["img_name"].to_numpy()[rows], "prob": probs[:, 0],
                        "prob_tta": probs[:, [names.index(v) for v in views]].mean(1)})
-    if ddp.is_main():
-        df.to_csv(out_csv, index=False, float_format="%.6f")
+    _write_csv(df, out_csv)
     return df
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    if ddp.is_main():
+        df.to_csv(path, index=False, float_format="%.6f")
 
 
 def write_split_predictions(model, images, index, out: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
                             transform, splits=("test", "hidden")) -> dict[str, pd.DataFrame]:
     """write_predictions for each split into out/<split>.csv; a split holding the same images as an earlier one (the
     public layout's hidden set is its test holdout) reuses that table instead of predicting them again."""
+    # Same images: the same names with the same content digests (prepare's `hash`), in the same order.
+    keys = index[["img_name", "hash"]].to_numpy() if "hash" in index else None
     tables, done = {}, {}
     for split in splits:
         rows = np.flatnonzero(index["split"].to_numpy() == split)
-        same = next((s for s, r in done.items() if len(r) == len(rows)
-                     and (index["img_name"].to_numpy()[r] == index["img_name"].to_numpy()[rows]).all()
-                     and np.array_equal(images[r], images[rows])), None)
+        same = next((s for s, r in done.items()
+                     if keys is not None and len(r) == len(rows) and (keys[r] == keys[rows]).all()), None)
         if same is None:
             tables[split] = write_predictions(model, images, index, rows, out / f"{split}.csv", cfg, views,
                                               crop_scale, transform)
             done[split] = rows
         else:
             tables[split] = tables[same]
-            if ddp.is_main():
-                tables[split].to_csv(out / f"{split}.csv", index=False, float_format="%.6f")
+            _write_csv(tables[split], out / f"{split}.csv")
     return tables
 
 

@@ -49,6 +49,8 @@ def test_manifest_says_how_to_use_the_model(exported_student):
     assert m["tta"] == {"views": ["identity", "hflip", "crop_center"], "crop_scale": 0.875}
     assert m["models"]["student"]["file"] == "student.onnx" and "kept" in m["models"]["student-int8"]
     assert m["params"] == {"img_size": 32} and m["git_commit"]
+    model, _ = load_checkpoint(exported_student.student / "checkpoint.pt")
+    assert m["parameters"] == sum(p.numel() for p in model.parameters())
 
 
 def test_onnx_fp32_matches_torch_on_real_cells(exported_student):

@@ -273,7 +273,7 @@ def fake_run(root: Path) -> dict:
     (root / "export" / "model.json").write_text(json.dumps({
         "format": "onnx", "models": {"student": {"file": "student.onnx"},
                                      "student-int8": {"file": "student.int8.onnx", "kept": True, "reason": "r"}},
-        "arch": "resnet10t", "input": {"name": "image", "shape": ["batch", 3, 48, 48], "dtype": "float32",
+        "arch": "resnet10t", "parameters": 4_920_000, "input": {"name": "image", "shape": ["batch", 3, 48, 48], "dtype": "float32",
                                        "channel_order": "RGB", "layout": "NCHW", "resize": "bilinear to 48x48",
                                        "scale": "pixel / 255", "mean": [0.485, 0.456, 0.406],
                                        "std": [0.229, 0.224, 0.225]},
@@ -292,6 +292,7 @@ def test_model_card_from_the_run(tmp_path):
     card = model_card(**paths, params={**params, "data": {**params["data"], "source": "demo"}})
     assert "demo run on 12 labelled cells" in card  # said plainly, with the run's own count
     assert "`resnet10t`" in card and "abc1234" in card and "Chittagong" in card
+    assert "4.92 M parameters" in card  # the manifest's count: the card needs neither timm nor torch
     assert "| train | 8 | 2 | 4 |" in card and "| hidden | 2 | 1 | – |" in card  # split, images, slides, parasitized
     assert "| student_tta.csv | – | – | 0.9437 | 0.9810 |" in card  # the best file's scores, no CV for the student
     assert "| onnx_int8 | 0.9440 | 0.9810 | 0.012 | 1.90 | 1.30 | 0.90 | 0.50 | 4.9 |" in card

@@ -146,37 +146,49 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
 
 
-def test_hidden_set_equal_to_test_is_predicted_once(download_prepare, nndl_prepared, tmp_path, monkeypatch):
-    """The public layout's hidden set is its test holdout: one pass serves both CSVs; distinct sets get their own."""
-    from pipeline import workflow
+class FakeModel:
+    """predict() stand-in: the pixels' mean is the probability, so a wrong row or split shows in the CSV."""
 
-    calls = []
+    def __init__(self, monkeypatch):
+        from pipeline import workflow
 
-    def fake_predict(model, ds, cfg, device, names, crop_scale, desc="", shard=False):
-        calls.append(desc)  # the pixels' mean stands in for a model, so a wrong row or split would show in the CSV
+        self.calls = []
+        monkeypatch.setattr(workflow, "predict", self)
+
+    def __call__(self, model, ds, cfg, device, names, crop_scale, desc="", shard=False):
+        self.calls.append(desc)
         return np.repeat(ds.images.reshape(len(ds), -1).mean(1, keepdims=True) / 255, len(names), axis=1)
 
-    monkeypatch.setattr(workflow, "predict", fake_predict)
-    cfg = TrainConfig(num_workers=0, device="cpu")
+
+def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, monkeypatch):
+    """The public layout's hidden set is its test holdout: one pass serves test.csv and hidden.csv."""
+    from pipeline.workflow import write_split_predictions
+
+    fake, cfg = FakeModel(monkeypatch), TrainConfig(num_workers=0, device="cpu")
     public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
     out = tmp_path / "out"
     out.mkdir()
-    tables = workflow.write_split_predictions(None, public.images, public.index, out, cfg, ["identity"], 0.875, None)
-    assert calls == ["test"]
+    tables = write_split_predictions(None, public.images, public.index, out, cfg, ["identity"], 0.875, None)
+    assert fake.calls == ["test"]
     assert (out / "hidden.csv").read_bytes() == (out / "test.csv").read_bytes()
     hidden = public.index[public.index["split"] == "hidden"]
     assert tables["hidden"]["img_name"].tolist() == hidden["img_name"].tolist()
     np.testing.assert_allclose(tables["hidden"]["prob"], public.images[hidden.index].reshape(len(hidden), -1).mean(1)
                                / 255, atol=1e-6)
 
-    calls.clear()  # the same names with other pixels are other images: predicted again
-    changed = public.images.copy()
-    changed[hidden.index[0]] ^= 1
-    workflow.write_split_predictions(None, changed, public.index, out, cfg, ["identity"], 0.875, None)
-    assert calls == ["test", "hidden"]
+    fake.calls.clear()  # the same names with another content digest are other images: predicted again
+    changed = public.index.copy()
+    changed.loc[hidden.index[0], "hash"] = "0" * 40
+    write_split_predictions(None, public.images, changed, out, cfg, ["identity"], 0.875, None)
+    assert fake.calls == ["test", "hidden"]
 
-    calls.clear()  # the competition bundle's hidden set is its own
-    tables = workflow.write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, out, cfg, ["identity"],
-                                              0.875, None)
-    assert calls == ["test", "hidden"]
+
+def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path, monkeypatch):
+    """The competition bundle's hidden set is its own images: both splits are predicted."""
+    from pipeline.workflow import write_split_predictions
+
+    fake = FakeModel(monkeypatch)
+    tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, TrainConfig(
+        num_workers=0, device="cpu"), ["identity"], 0.875, None)
+    assert fake.calls == ["test", "hidden"]
     assert set(tables["hidden"]["img_name"]).isdisjoint(tables["test"]["img_name"])
