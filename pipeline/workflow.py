@@ -13,7 +13,7 @@ import torch
 
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
-from pipeline.dataset import CellDataset, targets
+from pipeline.dataset import CellDataset, split_rows, targets
 from pipeline.engine import TrainConfig, fit, predict, resolve_device
 from pipeline.models import load_checkpoint, save_checkpoint
 
@@ -88,7 +88,7 @@ def write_split_predictions(model, images, index, out: Path, cfg: TrainConfig, v
     keys = index[["img_name", "hash"]].to_numpy() if "hash" in index else None
     tables, done = {}, {}
     for split in splits:
-        rows = np.flatnonzero(index["split"].to_numpy() == split)
+        rows = split_rows(index, split)
         same = next((s for s, r in done.items()
                      if keys is not None and len(r) == len(rows) and (keys[r] == keys[rows]).all()), None)
         if same is None:
