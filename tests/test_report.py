@@ -273,10 +273,10 @@ def fake_run(root: Path) -> dict:
     (root / "export" / "model.json").write_text(json.dumps({
         "format": "onnx", "models": {"student": {"file": "student.onnx"},
                                      "student-int8": {"file": "student.int8.onnx", "kept": True, "reason": "r"}},
-        "arch": "resnet10t", "parameters": 4_920_000, "input": {"name": "image", "shape": ["batch", 3, 48, 48], "dtype": "float32",
-                                       "channel_order": "RGB", "layout": "NCHW", "resize": "bilinear to 48x48",
-                                       "scale": "pixel / 255", "mean": [0.485, 0.456, 0.406],
-                                       "std": [0.229, 0.224, 0.225]},
+        "arch": "resnet10t", "parameters": 4_920_000,
+        "input": {"name": "image", "shape": ["batch", 3, 48, 48], "dtype": "float32", "channel_order": "RGB",
+                  "layout": "NCHW", "resize": "bilinear to 48x48", "scale": "pixel / 255",
+                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "output": {"name": "prob", "meaning": "probability of class 1 (parasitized)"}, "threshold": 0.5,
         "classes": {"0": "uninfected", "1": "parasitized"}, "tta": {"views": ["identity"], "crop_scale": 0.875},
         "params": {}, "git_commit": "abc1234"}))

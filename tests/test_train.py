@@ -146,7 +146,7 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
 
 
-class FakeModel:
+class FakePredict:
     """predict() stand-in: the pixels' mean is the probability, so a wrong row or split shows in the CSV."""
 
     def __init__(self, monkeypatch):
@@ -164,7 +164,7 @@ def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, 
     """The public layout's hidden set is its test holdout: one pass serves test.csv and hidden.csv."""
     from pipeline.workflow import write_split_predictions
 
-    fake, cfg = FakeModel(monkeypatch), TrainConfig(num_workers=0, device="cpu")
+    fake, cfg = FakePredict(monkeypatch), TrainConfig(num_workers=0, device="cpu")
     public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
     out = tmp_path / "out"
     out.mkdir()
@@ -187,7 +187,7 @@ def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path,
     """The competition bundle's hidden set is its own images: both splits are predicted."""
     from pipeline.workflow import write_split_predictions
 
-    fake = FakeModel(monkeypatch)
+    fake = FakePredict(monkeypatch)
     tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, TrainConfig(
         num_workers=0, device="cpu"), ["identity"], 0.875, None)
     assert fake.calls == ["test", "hidden"]
