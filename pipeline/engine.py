@@ -218,11 +218,12 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     if ddp.broadcast(ck is not None) and ck is None:
         ck = torch.load(last, map_location="cpu", weights_only=False)
     if ck is not None:
-        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
         state = ck["state"]
+        if not state["done"]:  # a finished run's last.pt holds no weights (see below)
+            model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+            torch.set_rng_state(ck["rng"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
         log.info("Resuming from %s after epoch %d (same params and data)", last, state["epoch"])
         for metrics in state["history"]:
             _log_live(live, metrics)
@@ -278,10 +279,14 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         state["history"].append(metrics)
         state["done"] = ddp.broadcast(epoch == cfg.epochs or (cfg.select_best and state["bad_epochs"] >= cfg.patience))
         if ddp.is_main():
+            # A finished run is never trained further, only recognised: its last.pt keeps the state alone, not
+            # the weights, EMA and optimizer moments (4x checkpoint.pt, copied into DVC's cache for every fold).
+            ck = {"fingerprint": current, "state": state} if state["done"] else {
+                "fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "rng": torch.get_rng_state(), "state": state,
+                "scaler": scaler.state_dict() if scaler is not None else None}
             # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
-            torch.save({"fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(),
-                        "opt": opt.state_dict(), "rng": torch.get_rng_state(), "state": state,
-                        "scaler": scaler.state_dict() if scaler is not None else None}, last.with_suffix(".tmp"))
+            torch.save(ck, last.with_suffix(".tmp"))
             last.with_suffix(".tmp").replace(last)
         _log_live(live, metrics)
         if state["done"]:

@@ -164,11 +164,15 @@ def test_a_killed_run_resumes_with_the_same_inputs(small, tmp_path, caplog, monk
     monkeypatch.setattr(engine, "_log_live", killed)
     with pytest.raises(KeyboardInterrupt):
         run(small, out)
+    assert {"model", "ema", "opt", "rng"} <= set(torch.load(out / "last.pt", weights_only=False))  # to resume from
     monkeypatch.setattr(engine, "_log_live", real_log_live)
     with caplog.at_level(logging.INFO):
         run(small, out)
     assert "Resuming from" in caplog.text and "after epoch 1" in caplog.text and "Setting aside" not in caplog.text
     assert len(pd.read_csv(out / "live/plots/metrics/train_loss.tsv", sep="\t")) == CFG.epochs
+    # Finished: last.pt only says so (no weights, EMA or optimizer moments to copy into DVC's cache).
+    assert set(torch.load(out / "last.pt", weights_only=False)) == {"fingerprint", "state"}
+    assert (out / "last.pt").stat().st_size < (out / "checkpoint.pt").stat().st_size / 10
 
 
 def test_an_old_last_pt_without_fingerprint_is_set_aside(small, trained, tmp_path, caplog):
