@@ -281,12 +281,12 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         if ddp.is_main():
             # A finished run is never trained further, only recognised: its last.pt keeps the state alone, not
             # the weights, EMA and optimizer moments (4x checkpoint.pt, copied into DVC's cache for every fold).
-            ck = {"fingerprint": current, "state": state} if state["done"] else {
+            saved = {"fingerprint": current, "state": state} if state["done"] else {
                 "fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "rng": torch.get_rng_state(), "state": state,
                 "scaler": scaler.state_dict() if scaler is not None else None}
             # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
-            torch.save(ck, last.with_suffix(".tmp"))
+            torch.save(saved, last.with_suffix(".tmp"))
             last.with_suffix(".tmp").replace(last)
         _log_live(live, metrics)
         if state["done"]:
