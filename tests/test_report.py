@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -77,7 +78,9 @@ def source_cells(nb) -> str:
 
 
 def test_source_notebook_is_clean_and_parameterised():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with warnings.catch_warnings():  # e.g. a cell without an id: nbformat warns now and will refuse it later
+        warnings.simplefilter("error")
+        nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
