@@ -90,12 +90,6 @@ def refit_report(models: Path, used: list[str], fold_average: pd.DataFrame, refi
     return out
 
 
-def train_minutes(folder: Path) -> float | None:
-    """The train stage's last wall time for one backbone, in minutes (timing.json), if it wrote one."""
-    f = folder / "timing.json"
-    return round(sum(json.loads(f.read_text())["seconds"].values()) / 60, 2) if f.is_file() else None
-
-
 def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backbones: list[str],
              refit: bool = False) -> dict:
     """Write the blended OOF/test/hidden tables and scores.json; with `refit`, test/hidden come from the refit models
@@ -137,7 +131,6 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
                           for model in [*backbones, "ensemble"]}
     thresholds = {name: b["threshold"] for name, b in report["blend"].items()}
     report["refit"] = refit_report(models, used, fold_average, test, thresholds) if refit else {"on": False}
-    report["minutes"] = {f"train@{b}": train_minutes(models / b) for b in backbones}
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
         t.to_csv(out / f"{split}.csv", index=False, float_format="%.6f")

@@ -76,22 +76,21 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
     board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
     log.info("Local leaderboard (labelled test set):\n%s", board.to_string(index=False))
     if metrics_json is not None:
-        minutes = {**escores.get("minutes", {}), **smetrics.get("minutes", {})}
-        metrics_json.write_text(json.dumps(headline(board, minutes, all_seen), indent=2))
+        metrics_json.write_text(json.dumps(headline(board, all_seen), indent=2))
     return board
 
 
-def headline(board: pd.DataFrame, minutes: dict, test_seen: bool = False) -> dict:
+def headline(board: pd.DataFrame, test_seen: bool = False) -> dict:
     """The few numbers `dvc metrics show` / `dvc exp show` compare: per model (no TTA / TTA) CV and test
-    accuracy and ROC AUC, the leaderboard's best file, the minutes of the stages that cost, and whether the test
-    images were in training (then no test score is comparable with a held-out run's)."""
+    accuracy and ROC AUC, the leaderboard's best file, and whether the test images were in training (then no test
+    score is comparable with a held-out run's). Minutes are data/timing.json's alone, one column per stage."""
     r4 = lambda v: None if pd.isna(v) else round(float(v), 4)
     models = {row["file"].removesuffix(".csv"): {k: r4(row[k]) for k in ("cv_accuracy", "cv_roc_auc", "test_accuracy",
                                                                          "test_roc_auc")}
               for _, row in board.iterrows()}
     best = board.iloc[0]
     return {"models": models, "best": {"file": best["file"], "test_accuracy": r4(best["test_accuracy"])},
-            "minutes": minutes, "test_seen": test_seen}
+            "test_seen": test_seen}
 
 
 def send(file: Path, *, competition: str, message: str, leaderboard: Path, sample_csv: Path, dry_run: bool) -> list[str]:

@@ -90,6 +90,7 @@ def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
     assert set(timing["minutes"]) == {"validate", "download", "prepare", "folds", "train-resnet10t",
                                       "train-efficientnet_b0", "ensemble", "distill", "submit", "export", "report"}
     assert timing["total_minutes"] > 0 and "data/timing.json" in shown and "total_minutes" in shown
+    assert "minutes.train-resnet10t" in shown and "minutes.train@" not in shown  # one column per stage's minutes
     # A finished backbone forced to run again is not retrained and keeps its curves.
     again = dvc(project, "repro", "-f", "-s", "train@resnet10t")
     assert (again.stderr + again.stdout).count("not retraining") == 2  # both folds

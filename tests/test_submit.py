@@ -316,6 +316,7 @@ def test_headline_metrics_hold_each_file_and_the_best(inputs, tmp_path):
     assert set(m["models"]) == set(TEST_ACC)
     assert m["models"]["resnet10t_tta"]["cv_accuracy"] == pytest.approx(TEST_ACC["resnet10t_tta"] - 0.01, abs=1e-4)
     assert m["models"]["student"]["cv_accuracy"] is None  # no CV for the student: null, not NaN
+    assert set(m) == {"models", "best", "test_seen"}  # minutes: data/timing.json's alone, not a second column each
 
 
 def test_a_test_set_in_training_marks_every_file_seen(inputs, tmp_path):
