@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.blend import blend, choose_blend
+from pipeline.blend import blend, choose_blend, choose_threshold
 from pipeline.common import PipelineError, labelled_test_seen, run_main
-from pipeline.metrics import best_threshold, binary_metrics
+from pipeline.metrics import binary_metrics
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
@@ -105,22 +105,25 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
         log.warning("The labelled test images are also training images (data.train_on_test): every test score "
                     "below is on seen cells, not a held-out estimate")
     report = {"test_seen": seen, "blend": {}, "metrics": {}}
+    cv_thresholds = {}  # the ensemble's OOF is scored at the thresholds other folds chose, not in-sample
     for suffix in ("", "_tta"):
         cols = [b + suffix for b in backbones]
         method, w, scores = choose_blend(oof[cols].to_numpy(), y, fold)
         for t in [*tables.values(), fold_average]:
             t["ensemble" + suffix] = blend(t[cols].to_numpy(), w)
-        thr = best_threshold(y, oof["ensemble" + suffix])
+        thr, cv_thresholds["ensemble" + suffix], thr_scores = choose_threshold(oof["ensemble" + suffix], y, fold)
         report["blend"]["ensemble" + suffix] = {"method": method, "weights": dict(zip(backbones, w.round(4).tolist())),
-                                               "cv_log_loss": scores, "threshold": thr}
-        log.info("ensemble%s: %s blend (CV log loss %s), weights %s, threshold %.3f", suffix, method,
-                 {k: round(v, 4) for k, v in scores.items()}, np.round(w, 3).tolist(), thr)
+                                               "cv_log_loss": scores, "threshold": thr,
+                                               "threshold_cv_accuracy": thr_scores}
+        log.info("ensemble%s: %s blend (CV log loss %s), weights %s, threshold %.3f (CV accuracy at 0.5 %.4f, "
+                 "tuned on the other folds %.4f)", suffix, method, {k: round(v, 4) for k, v in scores.items()},
+                 np.round(w, 3).tolist(), thr, thr_scores["fixed"], thr_scores["tuned"])
     test = tables["test"]
     for model in [*backbones, "ensemble"]:
         for suffix in ("", "_tta"):
             name = model + suffix
             thr = report["blend"][name]["threshold"] if model == "ensemble" else 0.5
-            report["metrics"][name] = {"cv": binary_metrics(y, oof[name], thr),
+            report["metrics"][name] = {"cv": binary_metrics(y, oof[name], cv_thresholds.get(name, thr)),
                                        "test": binary_metrics(test["label"], test[name], thr), "threshold": thr}
             m = report["metrics"][name]
             log.info("%-24s CV acc %.4f AUC %.4f | test acc %.4f AUC %.4f", name, m["cv"]["accuracy"],

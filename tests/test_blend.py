@@ -1,0 +1,47 @@
+"""The ensemble's choices on OOF (pipeline.blend): blend weights and the decision threshold, each kept only where it
+beats the simple choice on folds it was not fitted on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.blend import blend, choose_blend, choose_threshold
+from pipeline.metrics import best_threshold
+
+
+def noisy_scores(n: int, seed: int, shift: float = 0.0):
+    """Labels, 5 folds and probabilities whose best cut lies at sigmoid(shift) (0.5 when shift is 0), with overlap."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    logit = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0) + shift
+    return y, np.arange(n) % 5, 1 / (1 + np.exp(-logit))
+
+
+def test_a_threshold_tuned_in_sample_is_not_kept_when_other_folds_do_not_confirm_it():
+    y, fold, p = noisy_scores(600, seed=3)
+    in_sample = best_threshold(y, p)
+    assert in_sample != 0.5 and ((p >= in_sample) == y).mean() > ((p >= 0.5) == y).mean()  # it always looks better
+    thr, cv_thr, scores = choose_threshold(p, y, fold)
+    assert thr == 0.5 and cv_thr == 0.5
+    assert scores["tuned"] <= scores["fixed"] == pytest.approx(((p >= 0.5) == y).mean())
+
+
+def test_a_systematic_shift_keeps_the_tuned_threshold_scored_on_other_folds():
+    y, fold, p = noisy_scores(2000, seed=4, shift=-1.2)  # the models under-call parasitized: the best cut is ~0.23
+    thr, cv_thr, scores = choose_threshold(p, y, fold)
+    assert thr == pytest.approx(best_threshold(y, p)) and 0.1 < thr < 0.4
+    assert scores["tuned"] > scores["fixed"] + 0.03
+    for k in range(5):  # each fold's rows are cut where the other four folds chose
+        m = fold == k
+        assert np.all(cv_thr[m] == best_threshold(y[~m], p[~m]))
+    assert scores["tuned"] == pytest.approx(((p >= cv_thr) == y).mean())
+
+
+def test_fitted_blend_weights_win_only_on_held_out_folds():
+    y, fold, good = noisy_scores(1500, seed=5)
+    noise = np.random.default_rng(6).uniform(0.01, 0.99, len(y))  # a member that knows nothing
+    method, w, scores = choose_blend(np.c_[good, noise], y, fold)
+    assert method == "weighted" and scores["weighted"] < scores["mean"] and w[0] > 0.9
+    same = choose_blend(np.c_[good, good], y, fold)
+    assert same[0] == "mean" and np.allclose(same[1], 0.5)
+    assert np.allclose(blend(np.c_[good, good], same[1]), good, atol=1e-6)
