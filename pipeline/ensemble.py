@@ -116,8 +116,9 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
                                                "cv_log_loss": scores, "threshold": thr,
                                                "threshold_cv_accuracy": thr_scores}
         log.info("ensemble%s: %s blend (CV log loss %s), weights %s, threshold %.3f (CV accuracy at 0.5 %.4f, "
-                 "tuned on the other folds %.4f)", suffix, method, {k: round(v, 4) for k, v in scores.items()},
-                 np.round(w, 3).tolist(), thr, thr_scores["fixed"], thr_scores["tuned"])
+                 "tuned on the other folds %.4f, McNemar p %.2g)", suffix, method,
+                 {k: round(v, 4) for k, v in scores.items()}, np.round(w, 3).tolist(), thr, thr_scores["fixed"],
+                 thr_scores["tuned"], thr_scores["p_value"])
     test = tables["test"]
     for model in [*backbones, "ensemble"]:
         for suffix in ("", "_tta"):

@@ -60,9 +60,9 @@ Source: {source}.{nih}
 
 {f[n]}-fold cross-validation grouped by slide (`folds.group_by: {f[group_by]}`). Teachers: {teachers}, one model
 per fold, at most {t[epochs]} epochs at {img_size} px. Ensemble: the backbones blended in logit space; its threshold
-0.5, or tuned on out-of-fold predictions where that won on folds it was not tuned on. Student: `{ds[student]}`
-distilled on all training images from the labels and the ensemble's out-of-fold probabilities ({ds[epochs]} epochs,
-alpha {ds[alpha]}, temperature {ds[temperature]}), then exported to ONNX.
+0.5, or tuned on out-of-fold predictions where that won clearly on folds it was not tuned on. Student:
+`{ds[student]}` distilled on all training images from the labels and the ensemble's out-of-fold probabilities
+({ds[epochs]} epochs, alpha {ds[alpha]}, temperature {ds[temperature]}), then exported to ONNX.
 
 ## Scores
 

@@ -26,11 +26,19 @@ def test_a_threshold_tuned_in_sample_is_not_kept_when_other_folds_do_not_confirm
     assert scores["tuned"] <= scores["fixed"] == pytest.approx(((p >= 0.5) == y).mean())
 
 
+def test_a_win_by_one_cell_on_other_folds_is_noise_and_0_5_stays():
+    y, fold, p = noisy_scores(600, seed=4, shift=-0.15)
+    thr, cv_thr, scores = choose_threshold(p, y, fold)
+    assert (scores["only_tuned_right"], scores["only_fixed_right"]) == (14, 13)  # tuned ahead, by one cell
+    assert scores["tuned"] > scores["fixed"] and scores["p_value"] == pytest.approx(0.5)
+    assert thr == 0.5 and cv_thr == 0.5
+
+
 def test_a_systematic_shift_keeps_the_tuned_threshold_scored_on_other_folds():
     y, fold, p = noisy_scores(2000, seed=4, shift=-1.2)  # the models under-call parasitized: the best cut is ~0.23
     thr, cv_thr, scores = choose_threshold(p, y, fold)
     assert thr == pytest.approx(best_threshold(y, p)) and 0.1 < thr < 0.4
-    assert scores["tuned"] > scores["fixed"] + 0.03
+    assert scores["tuned"] > scores["fixed"] + 0.03 and scores["p_value"] < 1e-6
     for k in range(5):  # each fold's rows are cut where the other four folds chose
         m = fold == k
         assert np.all(cv_thr[m] == best_threshold(y[~m], p[~m]))
