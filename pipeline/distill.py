@@ -80,7 +80,6 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
             params: dict, learned: dict | None = None, drop_path_rate: float = 0.0,
             backbones: list[str] = (), unlabelled: str = "none") -> dict:
     """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
-    start = time.perf_counter()
     index, images = load_cache(prepared)
     oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
     if teacher_column not in oof:
@@ -147,7 +146,6 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     for name, r in list(report.items())[:4]:
         log.info("%-13s test accuracy %.4f AUC %.4f, %.2f ms/image", name, r["test"]["accuracy"], r["test"]["roc_auc"],
                  r["ms_per_image"])
-    report["minutes"] = {"distill": round((time.perf_counter() - start) / 60, 2)}
     (out / "scores.json").write_text(json.dumps(report, indent=2))
     return report
 

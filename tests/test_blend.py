@@ -3,9 +3,11 @@ beats the simple choice on folds it was not fitted on."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.blend import blend, choose_blend, choose_threshold
+from pipeline.ensemble import ensemble
 from pipeline.metrics import best_threshold
 
 
@@ -42,7 +44,6 @@ def test_a_systematic_shift_keeps_the_tuned_threshold_scored_on_other_folds():
     for k in range(5):  # each fold's rows are cut where the other four folds chose
         m = fold == k
         assert np.all(cv_thr[m] == best_threshold(y[~m], p[~m]))
-    assert scores["tuned"] == pytest.approx(((p >= cv_thr) == y).mean())
 
 
 def test_fitted_blend_weights_win_only_on_held_out_folds():
@@ -53,3 +54,34 @@ def test_fitted_blend_weights_win_only_on_held_out_folds():
     same = choose_blend(np.c_[good, good], y, fold)
     assert same[0] == "mean" and np.allclose(same[1], 0.5)
     assert np.allclose(blend(np.c_[good, good], same[1]), good, atol=1e-6)
+
+
+def test_the_ensemble_stage_scores_its_cv_at_the_held_out_cuts(tmp_path):
+    """One backbone whose probabilities are shifted (best cut ~0.23): the stage keeps the tuned cut for test and
+    hidden, but its CV accuracy is the held-out one, below the in-sample accuracy at that same cut."""
+    y, fold, p = noisy_scores(2000, seed=4, shift=-1.2)
+    names = [f"c{i}.png" for i in range(len(y))]
+    folds = pd.DataFrame({"img_name": names, "label": y, "fold": fold})
+    folds.to_csv(tmp_path / "folds.csv", index=False)
+    test_y, _, test_p = noisy_scores(400, seed=7, shift=-1.2)
+    test_names = [f"t{i}.png" for i in range(len(test_y))]
+    index = pd.DataFrame({"img_name": names + test_names, "label": np.r_[y, test_y],
+                          "split": ["train"] * len(y) + ["test"] * len(test_y)})
+    index.to_csv(tmp_path / "index.csv", index=False)
+    for k in range(5):
+        out = tmp_path / "models" / "b" / f"fold{k}"
+        out.mkdir(parents=True)
+        m = fold == k
+        pd.DataFrame({"img_name": np.array(names)[m], "prob": p[m], "prob_tta": p[m]}).to_csv(out / "oof.csv")
+        pd.DataFrame({"img_name": test_names, "prob": test_p, "prob_tta": test_p}).to_csv(out / "test.csv")
+        pd.DataFrame(columns=["img_name", "prob", "prob_tta"]).to_csv(out / "hidden.csv")
+    report = ensemble(tmp_path / "models", tmp_path / "folds.csv", tmp_path / "index.csv", tmp_path / "out",
+                      backbones=["b"])
+    thr, _, scores = choose_threshold(p, y, fold)
+    for name in ("ensemble", "ensemble_tta"):
+        assert report["blend"][name]["threshold"] == pytest.approx(thr) and thr < 0.4
+        assert report["blend"][name]["threshold_cv_accuracy"] == scores
+        cv = report["metrics"][name]["cv"]["accuracy"]
+        assert cv == pytest.approx(scores["tuned"]) and cv < ((p >= thr) == y).mean()  # not the in-sample figure
+        assert report["metrics"][name]["test"]["accuracy"] == pytest.approx(((test_p >= thr) == test_y).mean())
+    assert report["metrics"]["b"]["cv"]["accuracy"] == pytest.approx(scores["fixed"])  # a backbone stays at 0.5
