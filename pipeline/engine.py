@@ -26,6 +26,7 @@ from pipeline import precision as amp_precision
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset
 from pipeline.metrics import binary_metrics
+from pipeline.models import UntrustedCheckpoint, read_checkpoint
 from pipeline.tta import apply_view
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,10 @@ def resume_state(last: Path, current: dict) -> dict | None:
     if not last.is_file():
         return None
     try:
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(last)
         diff = fp.differences(ck.get("fingerprint"), current)
+    except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
+        ck, diff = None, [f"it is not weights only: {e.reason}"]
     except Exception as e:  # a truncated or foreign file must not stop a fresh run
         ck, diff = None, [f"it cannot be read ({type(e).__name__}: {e})"]
     if not diff:
@@ -216,7 +219,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     # Rank 0 decides whether last.pt belongs to this run (and sets it aside if not); the others then read it too.
     ck = resume_state(last, current) if ddp.is_main() else None
     if ddp.broadcast(ck is not None) and ck is None:
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(last)
     if ck is not None:
         state = ck["state"]
         if not state["done"]:  # a finished run's last.pt holds no weights (see below)

@@ -1,8 +1,10 @@
-"""Build timm backbones (with pretrained weights from the hub or a local file) and rebuild them from checkpoints."""
+"""Build timm backbones (pretrained from the hub or a local file) and rebuild them from checkpoints, weights only."""
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import socket
 from pathlib import Path
 
@@ -16,6 +18,68 @@ log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2  # softmax over {uninfected, parasitized}: distillation's temperature acts on these logits
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Set to 1 to load checkpoints and weights files that need more than tensors and plain types (full unpickling, which
+# runs whatever code the file names). Off by default; an environment variable, never a param, so no run records it.
+TRUST_ENV = "PIPELINE_TRUST_CHECKPOINTS"
+
+
+class UntrustedCheckpoint(PipelineError):
+    """A checkpoint or weights file that weights-only loading refused: unpickling it could run code."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(
+            f"{path} was not loaded: {reason}. Every file this pipeline writes holds only tensors and plain types "
+            f"(loaded weights only). If you trust its author, set {TRUST_ENV}=1 and re-run; "
+            "otherwise delete it (`dvc repro` writes the pipeline's own again; pretrained weights are safest as "
+            ".safetensors).")
+
+
+def trusting_checkpoints() -> bool:
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False):
+    """torch.load of `path` onto the CPU, weights only (tensors and plain types). A file that needs anything else raises
+    UntrustedCheckpoint, unless PIPELINE_TRUST_CHECKPOINTS=1 allows loading it in full; bytes that are no pickle
+    torch.save writes raise a PipelineError saying so."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message is a page long, with terminal colours
+    found = re.search(r"WeightsUnpickler error: *\n*(.+)", text)
+    detail = (found.group(1) if found else text.splitlines()[0] if text else "").strip()
+    if trusting_checkpoints():
+        log.warning("%s is not weights only (%s); loading it in full, as %s=1 says you trust its author", path,
+                    detail, TRUST_ENV)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    if detail.startswith("Unsupported operand"):  # garbage, not a refused global
+        raise PipelineError(f"{path} cannot be read: it is damaged or not a file torch.save wrote (torch: {detail}). "
+                            "Delete it; `dvc repro` writes the pipeline's own again.") from None
+    # Which globals the file names, read from its opcodes without running them (torch >= 2.5, zip files).
+    try:
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # older torch, or the legacy format: the first global torch refused
+        names = re.findall(r"^Unsupported global: GLOBAL (\S+)", detail)
+    raise UntrustedCheckpoint(path, f"it needs unpickling of {', '.join(names)}, which can run any code" if names
+                              else f"torch's weights-only loader refused it ({detail})")
+
+
+def read_weights(path: Path) -> dict:
+    """A pretrained state dict from a local file, never running code: safetensors, or read_checkpoint for .pth/.bin/
+    .pt (timm 1.0.15, the oldest allowed, unpickles those in full). As timm's load_state_dict takes it: a checkpoint's
+    EMA, state_dict or model entry, `module.` prefixes dropped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = read_checkpoint(path)
+    if isinstance(state, dict):
+        key = next((k for k in ("state_dict_ema", "model_ema", "state_dict", "model")
+                    if isinstance(state.get(k), dict)), None)
+        state = state[key] if key else state
+    return timm.models.clean_state_dict(state)
 
 
 def local_weights(arch: str, weights_dir: str | Path | None) -> Path | None:
@@ -57,11 +121,10 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
     kwargs = dict(num_classes=NUM_CLASSES, drop_rate=drop_rate)
     if drop_path_rate > 0:  # stochastic depth; only passed when on, as not every timm family takes it
         kwargs["drop_path_rate"] = drop_path_rate
+    file = local_weights(arch, weights_dir) if pretrained else None
     if pretrained:
-        file = local_weights(arch, weights_dir)
         if file is not None:
             log.info("%s: pretrained weights from %s", arch, file)
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
         elif not hub_reachable():
             raise PipelineError(
                 f"train.pretrained is true but no weights for {arch} were found in train.weights_dir "
@@ -71,7 +134,11 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
         else:
             log.info("%s: pretrained weights from the Hugging Face hub", arch)
     try:
+        if file is not None:  # read here, handed to timm's load_pretrained (head dropped, filters) as a state dict
+            kwargs["pretrained_cfg_overlay"] = dict(state_dict=read_weights(file))
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except UntrustedCheckpoint:
+        raise
     except Exception as e:  # corrupt files raise torch, safetensors or timm errors of many kinds
         if not pretrained:
             raise
@@ -79,6 +146,7 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
                             f"train.weights_dir or set `train.pretrained: false`.") from None
     if not pretrained:
         zero_init_residuals(model)
+    model.pretrained_cfg.pop("state_dict", None)  # the file's tensors, not kept alive beside the model's own
     # A new 2-class head starts at zero, so every backbone starts from the uninformed loss ln 2; timm's own
     # init for some families (EfficientNet: uniform +-1/sqrt(num_classes)) makes early logits huge.
     head = model.get_classifier()
@@ -118,7 +186,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     """Rebuild a model from a checkpoint written by save_checkpoint; returns (model in eval mode, checkpoint)."""
     if not Path(path).is_file():
         raise PipelineError(f"Checkpoint {path} is missing: run the stage that makes it (`dvc repro`).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     model = create_model(ckpt["arch"], pretrained=False)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

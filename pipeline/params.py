@@ -211,7 +211,7 @@ def _allowed(field) -> str:
 
 
 def params_table(values: dict, model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
-    """Markdown rows `| key | value | allowed | meaning |` for every leaf key (the README's Params table)."""
+    """Markdown rows `| key | value | allowed | meaning |` for every leaf key (docs/params.md)."""
     rows = []
     for name, field in model.model_fields.items():
         ann, value = field.annotation, values.get(name)
@@ -243,7 +243,7 @@ def describe(e: ValidationError, file: str | Path) -> str:
                 f"; known keys here: {', '.join(_known_at(loc))}"
             lines.append(f"{key}: unknown key{hint}")
         elif err["type"] == "missing":
-            lines.append(f"{key}: missing; add it (see README.md, section Params)")
+            lines.append(f"{key}: missing; add it (see docs/params.md)")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {err.get('input')!r} is not allowed: {msg}")
@@ -305,6 +305,6 @@ def with_overrides(params: dict, sets: list[str], source: str = "--set") -> dict
 
 
 if __name__ == "__main__":
-    # `python -m pipeline.params`: the README's Params table, from this schema and params.yaml.
+    # `python -m pipeline.params`: the table in docs/params.md, from this schema and params.yaml.
     print("| key | value | allowed | meaning |\n|---|---|---|---|")
     print("\n".join(params_table(load_params(sys.argv[1] if len(sys.argv) > 1 else "params.yaml"))))

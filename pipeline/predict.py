@@ -154,12 +154,12 @@ def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
     """The side the model was trained at: images are decoded to it, as the cache was."""
     if model != "ensemble":
         return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
-    import torch
+    from pipeline.models import read_checkpoint  # torch: only the ensemble needs it
 
     ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
     if not ckpts:
         raise PipelineError(f"{models_dir} has no checkpoints: run `dvc repro` first.")
-    return int(torch.load(ckpts[0], map_location="cpu", weights_only=False)["params"]["img_size"])
+    return int(read_checkpoint(ckpts[0])["params"]["img_size"])
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
@@ -19,7 +18,7 @@ from pipeline.common import PipelineError, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, targets
 from pipeline.engine import TrainConfig
 from pipeline.losses import LabelLoss
-from pipeline.models import create_model, data_config, weights_digest
+from pipeline.models import create_model, data_config, read_checkpoint, weights_digest
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
@@ -61,7 +60,7 @@ def refit_epochs(backbone_dir: Path, folds: list[int]) -> int:
         if not ckpt.is_file():
             raise PipelineError(f"{ckpt} is missing, but train.refit needs every fold's kept epoch: train all folds "
                                 f"first (`dvc repro train@{backbone_dir.name}`, or pipeline.train without --fold).")
-        kept.append(int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["epoch"]))
+        kept.append(int(read_checkpoint(ckpt, mmap=True)["epoch"]))
     n = max(1, int(np.floor(np.mean(kept) + 0.5)))  # half up: round() would take 2.5 to 2
     log.info("%s refit: %d epochs, the rounded mean of the folds' kept epochs %s", backbone_dir.name, n, kept)
     return n

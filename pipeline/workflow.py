@@ -15,7 +15,7 @@ from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline.dataset import CellDataset, split_rows, targets
 from pipeline.engine import TrainConfig, fit, predict, resolve_device
-from pipeline.models import load_checkpoint, save_checkpoint
+from pipeline.models import UntrustedCheckpoint, load_checkpoint, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,15 @@ def _checkpoint_differences(ckpt: Path, last: Path, fingerprint: dict) -> list[s
     says was kept (a kill between writing the two); empty when both belong to this run."""
     if not ckpt.is_file():
         return [f"{ckpt} is missing"]
+    path = ckpt  # the file being read, for the reason
     try:
-        kept = torch.load(ckpt, map_location="cpu", weights_only=False)
-        state = torch.load(last, map_location="cpu", weights_only=False).get("state", {})
+        kept = read_checkpoint(ckpt)
+        path = last
+        state = read_checkpoint(last).get("state", {})
+    except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
+        return [f"{path} is not weights only: {e.reason}"]
     except Exception as e:  # a truncated or foreign file: it does not belong to this run
-        return [f"{ckpt} or {last} cannot be read ({type(e).__name__})"]
+        return [f"{path} cannot be read ({type(e).__name__}: {e})"]
     if kept.get("epoch") != state.get("best_epoch"):
         return [f"{ckpt} holds epoch {kept.get('epoch')} but {last} kept epoch {state.get('best_epoch')}"]
     return fp.differences(kept.get("fingerprint"), fingerprint)

@@ -1,5 +1,5 @@
-"""What the README's Kaggle/Colab section relies on: a read-only input folder, and an install that keeps the torch
-the notebook already has."""
+"""What the Kaggle/Colab section of docs/guide.md relies on: a read-only input folder, and an install that keeps the
+torch the notebook already has."""
 from __future__ import annotations
 
 import json

@@ -111,13 +111,14 @@ def leaves(node, prefix=""):
 MAP_KEYS = {"train.lr_by_backbone."}  # keys whose value is a map of names: a leaf of the schema
 
 
-def test_schema_params_yaml_and_readme_agree():
+def test_schema_params_yaml_and_params_reference_agree():
     keys = schema_keys()
     assert leaves(PARAMS) == set(keys), "params.yaml and the schema have different keys"
     assert all(keys.values()), "every schema key needs a one-line description"
-    readme = (ROOT / "README.md").read_text()
-    missing = [row for row in params_table(load_params(ROOT / "params.yaml")) if row not in readme]
-    assert not missing, "README's Params table is stale; paste `python -m pipeline.params`:\n" + "\n".join(missing)
+    reference = (ROOT / "docs" / "params.md").read_text()
+    missing = [row for row in params_table(load_params(ROOT / "params.yaml")) if row not in reference]
+    assert not missing, ("docs/params.md's table is stale; paste `python -m pipeline.params`:\n"
+                         + "\n".join(missing))
     # Every key line of params.yaml carries a comment (the sections' headers and list items aside).
     text = (ROOT / "params.yaml").read_text()
     for key in keys:
@@ -162,8 +163,8 @@ def test_progressive_resizing_checks_the_smallest_size(tmp_path, monkeypatch, ca
 
 
 def readme_presets() -> dict[str, list[str]]:
-    """The README's preset commands (`dvc exp run -n NAME -S key=value ...`), by name."""
-    text = (ROOT / "README.md").read_text()
+    """The preset commands (`dvc exp run -n NAME -S key=value ...`) of README.md and docs/guide.md, by name."""
+    text = "\n".join((ROOT / page).read_text() for page in ("README.md", "docs/guide.md"))
     commands = re.findall(r"^dvc exp run -n (\w+)((?: \\\n?\s*-S \S+)+|(?: -S \S+)+)", text, re.M)
     return {name: re.findall(r"-S (\S+)", args) for name, args in commands}
 
@@ -171,7 +172,7 @@ def readme_presets() -> dict[str, list[str]]:
 def test_readme_presets_are_valid_params(tmp_path):
     """Each preset's `-S key=value` list, applied to params.yaml as DVC does, passes the schema."""
     presets = readme_presets()
-    assert {"cpu", "gpu"} <= set(presets), f"README presets found: {sorted(presets)}"
+    assert {"quick", "cpu", "gpu", "kaggle"} <= set(presets), f"presets found: {sorted(presets)}"
     for name, sets in presets.items():
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         for kv in sets:
