@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import gc
 import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,55 @@ RANK_ERRORS_ENV = "PIPELINE_RANK_ERRORS"
 
 class PipelineError(RuntimeError):
     """A problem with the user's input or setup; its message says what and how to fix it."""
+
+
+# How a short write reads when it is not an OSError with an errno: numpy's tofile, and torch.save's zip writer (a
+# C++ stream error, then "unexpected pos") wrapped in RuntimeError.
+SHORT_WRITE = ("No space left", "File too large", "file write failed", "requested and", "iostream error",
+               "unexpected pos")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk, a quota or a file-size limit: ENOSPC, EDQUOT, EFBIG, or a short
+    write as numpy and torch.save report it."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if isinstance(e, (OSError, RuntimeError)) and any(s in str(e) for s in SHORT_WRITE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextmanager
+def written_whole(path: Path, needed_bytes: int | None = None):
+    """Yield a temporary path beside `path` (a file or a folder) to write into; on success it replaces `path`, so a
+    later run never trusts a half-written one. On any failure the temporary is removed and `path` is left as it was;
+    a full disk is one PipelineError naming the path and about how much space it needs."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        tmp.replace(path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not disk_full(e):
+            raise
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        need = f"about {needed_bytes / 2**20:,.1f} MB" if needed_bytes else "more space"
+        raise PipelineError(f"The disk is full (or a file-size limit was hit) writing {path}: it needs {need}, "
+                            f"{free / 2**20:,.0f} MB are free. Free some space (DVC's cache of older runs: "
+                            "`dvc gc -w`) and run again; the last complete files are kept."
+                            ) from None
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """path.write_text, whole or not at all (written_whole)."""
+    with written_whole(Path(path), len(text.encode())) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -95,6 +147,11 @@ def labelled_test_seen(index) -> bool:
     return bool(set(names[split == "test"]) & set(names[split == "train"]))
 
 
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, containers, a lab node's share), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -116,3 +173,18 @@ def git_commit() -> str:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def batch_split_problem(batch_size: int, processes: int) -> str:
+    """Why train.batch_size, the global batch, cannot be split over `processes` DDP processes; empty when it can: each
+    process takes batch_size // processes images a step, so it must divide evenly, into at least 2 (BatchNorm)."""
+    if batch_size // processes < 2:
+        return (f"train.batch_size {batch_size} (the global batch) over {processes} processes (train.gpus) leaves "
+                f"fewer than 2 images per process, and BatchNorm needs 2: set train.batch_size to at least "
+                f"{2 * processes}")
+    if batch_size % processes:
+        low = batch_size // processes * processes
+        return (f"train.batch_size {batch_size} (the global batch) does not split evenly over {processes} processes "
+                f"(train.gpus): set it to a multiple of {processes}, e.g. {low} or {low + processes}, or train.gpus "
+                "to a count that divides it")
+    return ""

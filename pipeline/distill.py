@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
 
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
-from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything
+from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything, write_text_whole
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
+from pipeline.images import normalize
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
-from pipeline.models import create_model, data_config, load_checkpoint, weights_digest
+from pipeline.models import create_model, data_config, load_checkpoint, read_checkpoint, weights_digest
 from pipeline.params import load_params
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import expand_views
@@ -28,22 +33,63 @@ log = logging.getLogger(__name__)
 
 
 def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
-                 crop_scale: float, aug: AugParams) -> dict[str, float]:
-    """Wall time per image to predict `images` with every checkpoint, per named set of views (models loaded once,
-    beforehand: a second set must not pay for loading the models again)."""
+                 crop_scale: float) -> dict[str, float]:
+    """Wall time per image to predict `images` with every checkpoint, per named set of views: inference alone. The
+    models are loaded and the images normalised beforehand, batches come from memory (no loader workers to start),
+    and every model runs every view once untimed first (oneDNN's and cuDNN's kernel setup per shape)."""
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, num_workers=0)
     models = [load_checkpoint(c, device) for c in checkpoints]
-    sets = [CellDataset(images, targets(np.zeros(len(images))), build_transform(False, aug, **ck["data_config"]))
-            for _, ck in models]
-    # An untimed pass first: a model's first batches of each shape pay for the kernels' setup (oneDNN, cuDNN).
+    sets = [TensorDataset(torch.from_numpy(normalize(images, ck["data_config"]["mean"], ck["data_config"]["std"])),
+                          torch.zeros(len(images), 2)) for _, ck in models]
+    every_view = list(dict.fromkeys(v for views in view_sets.values() for v in views))
     for (model, _), ds in zip(models, sets):
-        predict(model, ds, cfg, device, ["identity"], crop_scale, desc="warm-up")
+        predict(model, ds, cfg, device, every_view, crop_scale, desc="warm-up")
     out = {}
     for name, views in view_sets.items():
         start = time.perf_counter()
         for (model, _), ds in zip(models, sets):
-            predict(model, ds, cfg, device, views, crop_scale, desc="timing")
+            predict(model, ds, cfg, device, views, crop_scale, desc="timing")  # ends on .cpu(): the GPU is done
         out[name] = 1000 * (time.perf_counter() - start) / len(images)
+    return out
+
+
+def teacher_files(models_dir: Path, backbones: list[str], refit: set[str], unlabelled: str) -> list[Path]:
+    """The teacher checkpoints the student's targets come from: every backbone's folds (the training images' OOF) and,
+    when unlabelled images are fed, the refit models (full/) the ensemble predicted the hidden/test images with."""
+    files = []
+    for b in backbones:
+        folds = sorted((models_dir / b).glob("fold*/checkpoint.pt"))
+        if not folds:
+            raise PipelineError(f"{models_dir / b} has no fold checkpoint, but the student's targets come from them: "
+                                f"run `dvc repro train@{b}`.")
+        files += folds
+        if b in refit and unlabelled != "none":
+            files.append(models_dir / b / "full" / "checkpoint.pt")
+            if not files[-1].is_file():
+                raise PipelineError(f"{files[-1]} is missing, but the ensemble's hidden/test predictions came from it: "
+                                    f"run `dvc repro train@{b}`.")
+    return files
+
+
+def teacher_sources(files: list[Path], models_dir: Path, blend: dict, *, teacher_column: str, unlabelled: str,
+                    views: list[str], crop_scale: float) -> dict:
+    """What the student's targets come from, as fingerprint params: each teacher's fingerprint (a digest) and kept
+    epoch, the TTA views behind the TTA column, the ensemble's blend and threshold, distill.teacher and .unlabelled.
+
+    Not the probabilities themselves: a GPU re-predicts the same teachers with ~1e-3 of noise (cuDNN's kernel choice,
+    half precision), which must not retrain the student; nor the checkpoints' bytes, which hold timings. The blend's
+    fitted weights and a tuned threshold move with that noise too, so they count to 0.01."""
+    out = {"distill.teacher": teacher_column, "distill.unlabelled": unlabelled,
+           "ensemble.blend": blend["method"], "ensemble.threshold": round(float(blend["threshold"]), 2),
+           "ensemble.weights": {b: round(float(w), 2) for b, w in sorted(blend["weights"].items())}}
+    if teacher_column.endswith("_tta"):
+        out.update({"ensemble.views": list(views), "ensemble.crop_scale": crop_scale})
+    for f in files:
+        ck = read_checkpoint(f, mmap=True)  # weights only; mmap: the tensors are not read
+        name = f.parent.relative_to(models_dir).as_posix()
+        digest = hashlib.sha256(json.dumps(ck.get("fingerprint"), sort_keys=True, default=str).encode()).hexdigest()
+        out.update({f"teacher.{name}.fingerprint": digest[:16], f"teacher.{name}.epoch": ck.get("epoch")})
     return out
 
 
@@ -93,11 +139,17 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     extra, extra_soft, transductive = unlabelled_rows(index, ensemble_dir, unlabelled, teacher_column)
     # Unlabelled images learn the ensemble twice over: as the (soft) label and as the distillation target.
     target = np.concatenate([targets(labels[rows], soft.to_numpy()), targets(extra_soft, extra_soft)])
-    # Soft targets rounded: a GPU's half-precision noise in the teachers' OOF must not retrain the student.
-    targets_digest = fp.array_digest(np.round(target.astype(np.float64), 4))
-    fingerprint = fp.make({**(learned or {}), "model.student": student},
-                          {**data_digests(prepared), "soft_targets": targets_digest,
-                           "weights": weights_digest(student, pretrained, weights_dir)})
+    ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
+    blend = ens_scores.get("blend", {}).get(teacher_column)
+    if blend is None:
+        raise PipelineError(f"{ensemble_dir / 'scores.json'} has no blend for {teacher_column}; re-run "
+                            "`dvc repro ensemble`.")
+    # The ensemble's test/hidden predictions come from each backbone's refit model where it has one (train.refit).
+    refit = set(ens_scores.get("refit", {}).get("backbones", []))
+    sources = teacher_sources(teacher_files(models_dir, backbones, refit, unlabelled), models_dir, blend,
+                              teacher_column=teacher_column, unlabelled=unlabelled, views=views, crop_scale=crop_scale)
+    fingerprint = fp.make({**(learned or {}), "model.student": student, **sources},
+                          {**data_digests(prepared), "weights": weights_digest(student, pretrained, weights_dir)})
     seed_everything(cfg.seed)
     model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
                          drop_path_rate=drop_path_rate)
@@ -121,16 +173,13 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     if not ddp.is_main():  # rank 0 times the models and writes the scores
         return {}
     y = labels[test_rows].astype(int)
-    ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
     ens = ens_scores["metrics"]
     sample = images[test_rows[:timing_images]]
-    # The ensemble's test/hidden predictions come from each backbone's refit model where it has one (train.refit).
-    refit = set(ens_scores.get("refit", {}).get("backbones", []))
     teachers = sorted(p for b in backbones
                       for p in (models_dir / b).glob("full/checkpoint.pt" if b in refit else "fold*/checkpoint.pt"))
     view_sets = {"plain": ["identity"], "tta": views}
-    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, crop_scale, aug)
-    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, crop_scale, aug)
+    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, crop_scale)
+    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, crop_scale)
     report = {
         "student": {"test": binary_metrics(y, test["prob"]), "ms_per_image": student_ms["plain"]},
         "student_tta": {"test": binary_metrics(y, test["prob_tta"]), "ms_per_image": student_ms["tta"]},
@@ -146,7 +195,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     for name, r in list(report.items())[:4]:
         log.info("%-13s test accuracy %.4f AUC %.4f, %.2f ms/image", name, r["test"]["accuracy"], r["test"]["roc_auc"],
                  r["ms_per_image"])
-    (out / "scores.json").write_text(json.dumps(report, indent=2))
+    write_text_whole(out / "scores.json", json.dumps(report, indent=2))
     return report
 
 

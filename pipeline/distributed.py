@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.common import RANK_ERRORS_ENV, PipelineError
+from pipeline.common import RANK_ERRORS_ENV, PipelineError, batch_split_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ def processes_wanted(gpus: str | int, device: str) -> int:
     """Processes that `train.gpus` asks for on `train.device`: auto = one per visible GPU, one on the CPU."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     visible = torch.cuda.device_count() if cuda else 0
+    mps = device == "mps" or (device == "auto" and not cuda and torch.backends.mps.is_available())
+    if mps and gpus != "auto" and gpus > 1:
+        raise PipelineError(f"train.gpus is {gpus}, but Apple's GPU (mps) is one device and DDP does not run on it; "
+                            "set train.gpus to auto or 1.")
     if gpus == "auto":
         return max(1, visible)
     if cuda and gpus > visible:
@@ -157,6 +161,16 @@ def sum_all(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def local_batch(global_batch: int, processes: int | None = None) -> int:
+    """This process's images per step: train.batch_size is the global batch, split evenly over the processes (world()
+    unless given), so the same params take the same steps on 1 GPU or 2. A batch that does not divide evenly, or
+    leaves a process fewer than 2 images, is refused with a PipelineError naming train.batch_size and train.gpus."""
+    n = world() if processes is None else processes
+    if problem := batch_split_problem(global_batch, n):
+        raise PipelineError(problem + ".")
+    return global_batch // n
 
 
 def shard(n: int) -> np.ndarray:

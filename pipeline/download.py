@@ -7,7 +7,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main
+from pipeline.common import PipelineError, run_main, written_whole
 from pipeline.kaggle_client import OFFLINE_HINT, kaggle_api
 from pipeline.params import load_params
 
@@ -76,23 +76,24 @@ def download(out: Path, *, source: str, path: str, competition: str, dataset: st
              seed: int, demo: Path | None = None) -> None:
     if source not in ("demo", "kaggle", "local", "synthetic"):
         raise PipelineError(f"data.source is {source!r}; use one of: demo, kaggle, local, synthetic.")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    if source == "kaggle":
-        download_kaggle(out, competition, dataset)
-    elif source == "local":
-        fetch_local(out, path)
-    elif source == "demo":
-        if demo is None or not demo.is_file():
-            raise PipelineError(f"The demo bundle {demo} is missing; it is in git (rebuild it with "
-                                "`python -m pipeline.demo_bundle`).")
-        fetch_local(out, str(demo))
-    else:
-        from pipeline.synthetic import make_synthetic
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Unpacked beside `out` and renamed when complete: a kill mid-unpack never leaves a half data/raw.
+    with written_whole(out) as tmp:
+        tmp.mkdir()
+        if source == "kaggle":
+            download_kaggle(tmp, competition, dataset)
+        elif source == "local":
+            fetch_local(tmp, path)
+        elif source == "demo":
+            if demo is None or not demo.is_file():
+                raise PipelineError(f"The demo bundle {demo} is missing; it is in git (rebuild it with "
+                                    "`python -m pipeline.demo_bundle`).")
+            fetch_local(tmp, str(demo))
+        else:
+            from pipeline.synthetic import make_synthetic
 
-        make_synthetic(out, n_train=synthetic["n_train"], n_test=synthetic["n_test"],
-                       n_hidden=synthetic["n_hidden"], seed=seed)
+            make_synthetic(tmp, n_train=synthetic["n_train"], n_test=synthetic["n_test"],
+                           n_hidden=synthetic["n_hidden"], seed=seed)
     n = sum(1 for p in out.rglob("*") if p.is_file())
     log.info("Raw data in %s: %d files", out, n)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pipeline import batch_aug
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
 from pipeline import precision as amp_precision
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, available_cores, written_whole
 from pipeline.dataset import CellDataset
 from pipeline.metrics import binary_metrics
 from pipeline.models import UntrustedCheckpoint, read_checkpoint
@@ -52,22 +51,31 @@ class TrainConfig:
     cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
     progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)
     sync_bn: bool = False      # DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
-    world_size: int = 1        # DDP processes this model trains with (set by the stage; batch_size is per process)
+    world_size: int = 1        # DDP processes (set by the stage); batch_size is the global batch, split over them
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for train.device; under DDP on GPUs, this process's own GPU."""
+    """The torch device for train.device (auto: CUDA, else Apple's GPU, else the CPU); under DDP on GPUs, this
+    process's own GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device is cuda but no CUDA GPU is visible; set train.device to auto or cpu.")
+    if name == "mps" and not mps_available():
+        raise PipelineError("train.device is mps but torch has no Apple GPU (MPS) here; set train.device to auto or "
+                            "cpu.")
     return torch.device("cuda", ddp.local_rank()) if name == "cuda" else torch.device(name)
+
+
+def mps_available() -> bool:
+    """Apple silicon's GPU through torch's MPS backend (macOS 12.3+, torch built with it)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def cores() -> int:
     """Cores this process may use: its CPU affinity (taskset, containers) shared among the DDP processes here."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n // ddp.local_world())
+    return max(1, available_cores() // ddp.local_world())
 
 
 def setup_device(device: torch.device) -> None:
@@ -110,8 +118,8 @@ def train_loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoa
     with one process), workers kept alive across epochs."""
     sampler = EpochTagged(DistributedSampler(ds, num_replicas=ddp.world(), rank=ddp.rank(), shuffle=True,
                                              seed=cfg.seed * 7919), len(ds))
-    n = workers(cfg, device)
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size,
+    n, batch = workers(cfg, device), ddp.local_batch(cfg.batch_size)  # this rank's share of the global batch
+    return DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=len(sampler) > batch,
                       num_workers=n, pin_memory=device.type == "cuda", persistent_workers=n > 0,
                       prefetch_factor=4 if n > 0 else None)
 
@@ -119,50 +127,70 @@ def train_loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoa
 EVAL_BATCH_CPU = 128  # the smallest prediction batch on a CPU
 
 
-def loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
-    """In-order batches, for prediction (and validation)."""
+def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, persistent: bool = False) -> DataLoader:
+    """In-order batches, for prediction (and validation: `persistent` keeps its workers across epochs)."""
     # Without gradients a CPU predicts faster in bigger batches (48 px, 2 cores, 128 against 32: DenseNet-121 1.16x,
-    # EfficientNet-B0 1.37x, ResNet10-T 1.16x); a GPU keeps the training batch, which is known to fit its memory.
-    batch = cfg.batch_size if device.type == "cuda" else max(cfg.batch_size, EVAL_BATCH_CPU)
-    return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers(cfg, device),
-                      pin_memory=device.type == "cuda")
+    # EfficientNet-B0 1.37x, ResNet10-T 1.16x); a GPU keeps its process's training batch, known to fit its memory.
+    batch = ddp.local_batch(cfg.batch_size) if device.type == "cuda" else max(cfg.batch_size, EVAL_BATCH_CPU)
+    n = workers(cfg, device)
+    return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=n, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent and n > 0)
+
+
+def eval_loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shard: bool, persistent: bool = False
+                ) -> DataLoader:
+    """The prediction loader over `ds`, or under DDP with `shard` over this rank's every world()-th image."""
+    return loader(Subset(ds, ddp.shard(len(ds)).tolist()) if shard and ddp.active() else ds, cfg, device, persistent)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device,
-            views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict", shard: bool = False
-            ) -> np.ndarray:
+            views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict", shard: bool = False,
+            precision: str | None = None, batches: DataLoader | None = None) -> np.ndarray:
     """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches.
 
-    shard: under DDP every rank predicts every world()-th image and all get the whole array, in order (every rank
-    must call it then)."""
+    precision: the one the model trained in (default: the `trained_precision` its checkpoint gave it on loading,
+    else fp32), run where this device has it natively. shard: under DDP every rank predicts every world()-th image
+    and all get the whole array, in order (every rank must call it then). batches: the loader over `ds` (this rank's
+    shard of it) when the caller keeps one, as validation does (eval_loader)."""
     n = len(ds)
-    if shard and ddp.active():
-        ds = Subset(ds, ddp.shard(n).tolist())
-    model.eval()
-    # Predictions stay fp32 on the CPU; on a GPU they use the card's fast half precision.
-    amp, _ = amp_precision.autocast(amp_precision.choose("auto", device, "") if device.type == "cuda" else "fp32",
-                                    device)
+    batches = batches or eval_loader(ds, cfg, device, shard)
+    # Inputs are channels_last; weights in the same layout, or every convolution converts them.
+    model.eval().to(memory_format=torch.channels_last)
+    trained = precision or getattr(model, "trained_precision", "fp32")
+    run_in = amp_precision.for_inference(trained, device)
+    amp, _ = amp_precision.autocast(run_in, device)
     out = []
     quiet = None if ddp.is_main() else True  # one progress bar, rank 0's
-    for x, _ in tqdm(loader(ds, cfg, device), desc=desc, leave=False, unit="batch", disable=quiet):
+    for x, _ in tqdm(batches, desc=desc, leave=False, unit="batch", disable=quiet):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with amp:
             probs = [F.softmax(model(apply_view(x, v, crop_scale)).float(), 1)[:, 1] for v in views]
         out.append(torch.stack(probs, 1).cpu())
     probs = torch.cat(out).numpy() if out else np.zeros((0, len(views)), np.float32)
+    if not np.isfinite(probs).all():
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise PipelineError(
+            f"{arch}: {int((~np.isfinite(probs)).sum())} of {probs.size} probabilities are NaN or infinite predicting "
+            f"{desc} in {run_in} on {device} (trained in {trained}): its activations overflow there. Set "
+            "`train.precision: fp32` (or bf16 on a card that has it natively) and run `dvc repro` again.")
     return ddp.gather_rows(probs, n) if shard else probs
 
 
 # TrainConfig fields that change speed, not the weights: a run may resume with other values.
-_SPEED_ONLY = ("num_workers", "device")  # (world_size is not: batch_size is per process, so it is the global batch)
+_SPEED_ONLY = ("num_workers", "device")
+# Fields that split a run over processes without changing its recipe (batch_size is the global batch): a finished
+# model is reused whatever they are; a half-trained last.pt resumes only with the same (fingerprint.resume_only_*).
+_RESUME_ONLY = ("world_size", "sync_bn")
 
 
 def run_fingerprint(cfg: TrainConfig, fingerprint: dict | None) -> dict:
-    """The caller's fingerprint (params and data digests) plus the TrainConfig fields that shape training."""
+    """The caller's fingerprint (params and data digests) plus the TrainConfig fields that shape training, and the
+    process split as resume-only."""
     base = fingerprint or fp.make({}, {})
-    config = {f"config.{k}": v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
-    return fp.make({**base["params"], **config}, base["inputs"])
+    config = asdict(cfg)
+    shaping = {f"config.{k}": v for k, v in config.items() if k not in (*_SPEED_ONLY, *_RESUME_ONLY)}
+    return fp.make({**base["params"], **shaping}, base["inputs"], {f"config.{k}": config[k] for k in _RESUME_ONLY})
 
 
 def resume_state(last: Path, current: dict) -> dict | None:
@@ -172,6 +200,8 @@ def resume_state(last: Path, current: dict) -> dict | None:
     try:
         ck = read_checkpoint(last)
         diff = fp.differences(ck.get("fingerprint"), current)
+        if not diff and not ck["state"]["done"]:  # a half-trained run resumes only with the same process split
+            diff = fp.resume_only_differences(ck.get("fingerprint"), current)
     except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
         ck, diff = None, [f"it is not weights only: {e.reason}"]
     except Exception as e:  # a truncated or foreign file must not stop a fresh run
@@ -208,11 +238,12 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
     precision = amp_precision.choose(cfg.precision, device, arch)
     amp, scaler = amp_precision.autocast(precision, device)
+    model.trained_precision = ema.module.trained_precision = precision  # saved in the checkpoint, predicted in
     card = (f" ({torch.cuda.get_device_name(device)}, capability %d.%d)" % torch.cuda.get_device_capability(device)
             if device.type == "cuda" else "")
-    log.info("Training %s on %s%s in %s (train.precision %s), channels_last, batch %d x %d process(es) = %d, "
-             "%d loader worker(s)", arch, device, card, precision, cfg.precision, cfg.batch_size, ddp.world(),
-             cfg.batch_size * ddp.world(), workers(cfg, device))
+    log.info("Training %s on %s%s in %s (train.precision %s), channels_last, batch %d (global) = %d x %d "
+             "process(es), %d loader worker(s)", arch, device, card, precision, cfg.precision, cfg.batch_size,
+             ddp.local_batch(cfg.batch_size), ddp.world(), workers(cfg, device))
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "done": False, "history": []}
     last = out_dir / "last.pt"
     current = run_fingerprint(cfg, fingerprint)
@@ -224,7 +255,6 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         state = ck["state"]
         if not state["done"]:  # a finished run's last.pt holds no weights (see below)
             model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-            torch.set_rng_state(ck["rng"])
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
         log.info("Resuming from %s after epoch %d (same params and data)", last, state["epoch"])
@@ -236,12 +266,14 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     # The DDP wrapper averages gradients across ranks; EMA, optimizer and checkpoints use the plain module.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp.active() else model
+    # Built once: a GPU's validation workers start once per fit, not once per epoch.
+    val_batches = None if val_ds is None else eval_loader(val_ds, cfg, device, shard=True, persistent=True)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         model.train()
         batches.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentation seeds
-        t0, seen, total = time.perf_counter(), 0, 0.0
-        # Per epoch (and rank), so a resumed run mixes as an unbroken one.
-        rng = np.random.default_rng([cfg.seed, epoch, ddp.rank()])
+        # The loss is summed on the device and read once per epoch: a .item() per step would wait for the GPU.
+        t0, seen, total = time.perf_counter(), 0, torch.zeros((), device=device)
+        rng = seed_epoch(cfg.seed, epoch, ddp.rank())
         size = batch_aug.progressive_size(epoch, cfg.epochs, train_ds.images.shape[1], cfg.progressive)
         for step, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch",
                                            disable=None if ddp.is_main() else True)):
@@ -262,13 +294,13 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
                 scaler.update()
             sched.step_update((epoch - 1) * steps + step + 1)
             ema.update(model, step=(epoch - 1) * steps + step)
-            seen, total = seen + len(x), total + loss.item() * len(x)
-        seen, total = ddp.sum_all([seen, total])
+            seen, total = seen + len(x), total + loss.detach() * len(x)
+        seen, total = ddp.sum_all([seen, total.item()])
         metrics = {"train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
         ddp.broadcast_buffers(ema.module)  # every rank validates (and rank 0 saves) the same model
         if val_ds is not None:
-            p = predict(ema.module, val_ds, cfg, device, desc="validate", shard=True)[:, 0]
+            p = predict(ema.module, val_ds, cfg, device, desc="validate", shard=True, batches=val_batches)[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})
         improved = ddp.broadcast(state["best"] is None or not cfg.select_best or _better(metrics, state["best"]))
         log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
@@ -286,16 +318,24 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
             # the weights, EMA and optimizer moments (4x checkpoint.pt, copied into DVC's cache for every fold).
             saved = {"fingerprint": current, "state": state} if state["done"] else {
                 "fingerprint": current, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "rng": torch.get_rng_state(), "state": state,
+                "state": state,
                 "scaler": scaler.state_dict() if scaler is not None else None}
             # Write to a temporary file and rename, so a kill mid-write never leaves a corrupt last.pt.
-            torch.save(saved, last.with_suffix(".tmp"))
-            last.with_suffix(".tmp").replace(last)
+            with written_whole(last) as tmp:
+                torch.save(saved, tmp)
         _log_live(live, metrics)
         if state["done"]:
             break
     ddp.barrier()  # the kept checkpoint is on disk before any rank reads it
     return state["best"]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> np.random.Generator:
+    """Seed torch (the CPU and every CUDA generator) for one epoch of one rank, and return that epoch's numpy
+    generator (mixup): a resumed run draws as an unbroken one with no RNG state saved, and the ranks draw apart."""
+    rng = np.random.default_rng([seed, epoch, rank])
+    torch.manual_seed(int(rng.integers(2**62)))
+    return rng
 
 
 def _log_live(live, metrics: dict) -> None:

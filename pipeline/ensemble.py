@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.blend import blend, choose_blend, choose_threshold
-from pipeline.common import PipelineError, labelled_test_seen, run_main
+from pipeline.common import PipelineError, labelled_test_seen, run_main, write_text_whole, written_whole
 from pipeline.metrics import binary_metrics
 from pipeline.params import load_params
 
@@ -137,8 +137,9 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
     report["refit"] = refit_report(models, used, fold_average, test, thresholds) if refit else {"on": False}
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
-        t.to_csv(out / f"{split}.csv", index=False, float_format="%.6f")
-    (out / "scores.json").write_text(json.dumps(report, indent=2))
+        with written_whole(out / f"{split}.csv") as tmp:
+            t.to_csv(tmp, index=False, float_format="%.6f")
+    write_text_whole(out / "scores.json", json.dumps(report, indent=2))
     return report
 
 

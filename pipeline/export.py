@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import onnx_io
-from pipeline.common import PipelineError, git_commit, labelled_test_seen, run_main
+from pipeline.common import PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict
 from pipeline.images import normalize
@@ -89,7 +88,7 @@ def ms_per_image(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int)
 
 def timings(model: torch.nn.Module, onnx_files: dict[str, Path], x: np.ndarray) -> dict[str, dict]:
     """ms per image at batch 1 and 64, with 1 thread and with every core, for torch and each ONNX file."""
-    cores, saved = os.cpu_count() or 1, torch.get_num_threads()
+    cores, saved = available_cores(), torch.get_num_threads()
     out = {name: {} for name in ("torch_fp32", *onnx_files)}
     for threads, tag in ((1, "threads1"), (cores, "threads_all")):
         torch.set_num_threads(threads)
@@ -147,12 +146,12 @@ def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_s
     seconds["timing"] = round(time.perf_counter() - t2, 2)
     seen = labelled_test_seen(index)
     int8 = int8_verdict(formats["onnx_fp32"]["accuracy"], formats["onnx_int8"]["accuracy"], len(test), seen)
-    scores = {"student": ck["arch"], "img_size": size, "threshold": THRESHOLD, "threads_all": os.cpu_count() or 1,
+    scores = {"student": ck["arch"], "img_size": size, "threshold": THRESHOLD, "threads_all": available_cores(),
               "labelled": {"split": "test", "n_images": int(len(test)), "seen_in_training": seen}, "int8": int8,
               "formats": formats, "seconds": seconds}
-    (out / "scores.json").write_text(json.dumps(scores, indent=2))
-    (out / "metrics.json").write_text(json.dumps({name: {"test_accuracy": round(formats[name]["accuracy"], 4)}
-                                                  for name in files}, indent=2))
+    write_text_whole(out / "scores.json", json.dumps(scores, indent=2))
+    write_text_whole(out / "metrics.json", json.dumps(
+        {name: {"test_accuracy": round(formats[name]["accuracy"], 4)} for name in files}, indent=2))
     manifest = {
         "format": "onnx", "arch": ck["arch"], "parameters": sum(p.numel() for p in model.parameters()),
         "models": {"student": {"file": files["onnx_fp32"].name},
@@ -163,7 +162,7 @@ def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_s
         "output": {"name": "prob", "shape": ["batch"], "meaning": "probability of class 1 (parasitized)"},
         "threshold": THRESHOLD, "classes": {"0": "uninfected", "1": "parasitized"},
         "tta": {"views": views, "crop_scale": crop_scale}, "params": ck["params"], "git_commit": git_commit()}
-    (out / onnx_io.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_text_whole(out / onnx_io.MANIFEST, json.dumps(manifest, indent=2))
     for name, r in formats.items():
         log.info("%-10s accuracy %.4f AUC %.4f max|dp| %.1e %6.2f MB, ms/image b1 %.2f b64 %.2f (all threads)", name,
                  r["accuracy"], r["roc_auc"], r["max_abs_dprob"], r["size_mb"], r["ms_per_image"]["batch1_threads_all"],

@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 # The params that shape what a model learns, as sections or dotted keys of params.yaml. The data's source
 # and path are not here on purpose: the content of the prepared cache and the folds is hashed instead, so
@@ -16,8 +15,8 @@ STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 # Keys inside those sections that change only inference, speed or bookkeeping: changing them re-predicts
 # from the finished checkpoint instead of retraining (every other key retrains). train.refit adds a model beside
 # the folds without changing them; the refit model's own fingerprint holds what it depends on (its epochs).
-# train.gpus and train.sync_bn count through what the run did with them (TrainConfig.world_size and .sync_bn, off in
-# one process), not through the params' spelling.
+# train.gpus and train.sync_bn split a run over processes without changing its recipe (train.batch_size is the global
+# batch): what the run did with them (TrainConfig.world_size and .sync_bn) is recorded as resume-only (see make).
 INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
                             "train.refit", "train.gpus", "train.sync_bn", "distill.timing_images"})
 # The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
@@ -48,12 +47,6 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def array_digest(a: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and values (the student's soft targets)."""
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
-
-
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
     if isinstance(node, dict):
         return {k: v for key, sub in node.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
@@ -71,13 +64,16 @@ def learned_params(params: dict, keys: Iterable[str] = TEACHER_PARAMS) -> dict[s
     return {k: v for k, v in sorted(out.items()) if k not in INFERENCE_ONLY}
 
 
-def make(params: dict[str, Any], inputs: dict[str, str]) -> dict:
-    """A fingerprint: flat learned params and the digests of the data inputs, by name."""
-    return {"params": dict(params), "inputs": dict(inputs)}
+def make(params: dict[str, Any], inputs: dict[str, str], resume_only: dict[str, Any] | None = None) -> dict:
+    """A fingerprint: flat learned params and the digests of the data inputs, by name; `resume_only`, how the run was
+    split over processes, which only a half-trained run must match to resume (see resume_only_differences)."""
+    out = {"params": dict(params), "inputs": dict(inputs)}
+    return {**out, "resume_only": dict(resume_only)} if resume_only else out
 
 
 def differences(old: dict | None, new: dict) -> list[str]:
-    """What changed from `old` to `new`, one phrase each; empty when a run may resume."""
+    """What changed from `old` to `new`, one phrase each; empty when a run may resume (a half-trained one also needs
+    the same split over processes: resume_only_differences)."""
     if not old:
         return ["it has no fingerprint (written before resume checks existed)"]
     out = []
@@ -87,4 +83,22 @@ def differences(old: dict | None, new: dict) -> list[str]:
             if a.get(k, "<unset>") != b.get(k, "<unset>"):
                 out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" if kind == "params"
                            else f"{k} content changed")
+    return out
+
+
+def resume_only_differences(old: dict | None, new: dict) -> list[str]:
+    """What differs in how the runs were split over processes, one phrase each: a half-trained run resumes only with
+    the same split (its steps, shuffles and random draws are per process), a finished one is reused with any."""
+    a, b = (old or {}).get("resume_only"), new.get("resume_only", {})
+    if a is None:
+        return ["it does not record the process count it was trained with"]
+    processes = lambda n: f"{n} process" + ("" if n == 1 else "es")
+    out = []
+    if a.get("config.world_size") != b.get("config.world_size"):
+        out.append(f"it was trained with {processes(a.get('config.world_size'))} and this run has "
+                   f"{b.get('config.world_size')} (a half-trained run resumes only at the same process count)")
+    for k in sorted((set(a) | set(b)) - {"config.world_size"}):
+        if a.get(k) != b.get(k):
+            out.append(f"it was trained with train.{k.removeprefix('config.')} {a.get(k)!r} and this run has "
+                       f"{b.get(k)!r} (a half-trained run resumes only with the same)")
     return out

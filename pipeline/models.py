@@ -11,7 +11,7 @@ from pathlib import Path
 import timm
 import torch
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, written_whole
 from pipeline.fingerprint import file_digest
 
 log = logging.getLogger(__name__)
@@ -175,21 +175,24 @@ def data_config(model: torch.nn.Module) -> dict:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, *, arch: str, params: dict, epoch: int,
                     metric: dict, extra: dict | None = None) -> None:
-    """A self-describing checkpoint: everything inference needs to rebuild the model."""
-    tmp = Path(path).with_suffix(".tmp")  # then rename: a kill mid-write never leaves a corrupt checkpoint
-    torch.save({"arch": arch, "params": params, "epoch": epoch, "metric": metric,
-                "data_config": data_config(model), "state_dict": model.state_dict(), **(extra or {})}, tmp)
-    tmp.replace(path)
+    """A self-describing checkpoint: everything inference needs to rebuild the model, with the precision it trained in
+    (engine.fit sets `trained_precision` on the model; predictions run in it where the device has it natively)."""
+    state = model.state_dict()
+    with written_whole(Path(path), sum(t.numel() * t.element_size() for t in state.values())) as tmp:
+        torch.save({"arch": arch, "params": params, "epoch": epoch, "metric": metric, "data_config": data_config(model),
+                    "precision": getattr(model, "trained_precision", "fp32"), "state_dict": state, **(extra or {})}, tmp)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by save_checkpoint; returns (model in eval mode, checkpoint)."""
+    """Rebuild a model from a checkpoint written by save_checkpoint; returns (model in eval mode, channels_last as the
+    pipeline feeds it, with `trained_precision` from the checkpoint; the checkpoint)."""
     if not Path(path).is_file():
         raise PipelineError(f"Checkpoint {path} is missing: run the stage that makes it (`dvc repro`).")
     ckpt = read_checkpoint(path)
     model = create_model(ckpt["arch"], pretrained=False)
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
+    model.trained_precision = ckpt.get("precision", "fp32")  # older checkpoints: predicted in fp32
+    return model.to(device).to(memory_format=torch.channels_last).eval(), ckpt
 
 
 def check_model_name(arch: str, key: str) -> None:

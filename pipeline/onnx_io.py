@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, available_cores
 from pipeline.tta import apply_view
 
 MANIFEST = "model.json"  # beside the .onnx files: everything needed to use them
@@ -20,7 +19,7 @@ def session(path: Path, threads: int | None = None):
     if not Path(path).is_file():
         raise PipelineError(f"{path} is missing: run `dvc repro export` first.")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.intra_op_num_threads = threads or available_cores()
     opts.inter_op_num_threads = 1  # one graph at a time: every thread goes to the convolutions
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: not a warning per unused initializer

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, batch_split_problem
 from pipeline.tta import expand_views
 
 
@@ -68,7 +68,9 @@ class Folds(Section):
 class Train(Section):
     backbones: list[str] = Field(min_length=1, description="timm model names; each trains on every fold")
     epochs: int = Field(ge=1, le=1000, description="maximum epochs per (backbone, fold)")
-    batch_size: int = Field(ge=2, le=8192, description="images per step (BatchNorm needs at least 2)")
+    batch_size: int = Field(ge=2, le=8192, description="images per step over all processes (the global batch): each "
+                                                       "of train.gpus' processes takes an equal share, at least 2 "
+                                                       "(BatchNorm)")
     lr: float = Field(gt=0, le=1, description="peak AdamW learning rate (warmup, then cosine decay to lr/100)")
     lr_by_backbone: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(
         description="peak learning rate for these timm names (teacher or student), instead of train.lr")
@@ -91,7 +93,8 @@ class Train(Section):
                                                        "data.img_size, full size from the middle epoch (1 = off)")
     pretrained: bool = Field(description="start from ImageNet weights (train.weights_dir, else the HF hub)")
     weights_dir: str = Field(description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
-    device: Literal["auto", "cpu", "cuda"] = Field(description="auto uses a CUDA GPU when one is visible")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        description="auto: a CUDA GPU when one is visible, else Apple's GPU (mps) where torch has it, else the CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         description="auto: bf16 on GPUs with native bf16, else fp16; on CPUs with native bf16 for backbones "
                     "measured faster in it (ResNet, DenseNet), else fp32. Predictions on the CPU stay fp32")
@@ -100,7 +103,8 @@ class Train(Section):
                     "threads for the cores), on a GPU one per core of the process, at most 8")
     gpus: Union[Literal["auto"], Annotated[int, Field(ge=1, le=1024)]] = Field(
         description="processes training each model with DDP (torchrun, launched by the stage): auto = every "
-                    "visible GPU (1 on the CPU); on the CPU a number > 1 uses gloo. batch_size is per process")
+                    "visible GPU (1 on the CPU); on the CPU a number > 1 uses gloo. A finished model is reused at "
+                    "any count")
     sync_bn: bool = Field(description="DDP: BatchNorm statistics over all processes' batches (SyncBatchNorm)")
     seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
 
@@ -109,7 +113,18 @@ class Train(Section):
     def _fp16_needs_cuda(cls, precision: str, info: ValidationInfo) -> str:
         if precision == "fp16" and info.data.get("device") == "cpu":
             raise ValueError("fp16 needs a CUDA GPU; with train.device cpu use auto, fp32 or bf16")
+        if precision in ("fp16", "bf16") and info.data.get("device") == "mps":
+            raise ValueError("on Apple's GPU (mps) the pipeline trains in fp32; use auto or fp32")
         return precision
+
+    @field_validator("gpus")
+    @classmethod
+    def _batch_splits(cls, gpus: str | int, info: ValidationInfo) -> str | int:
+        # train.gpus auto is checked once the stage knows the count (pipeline.distributed.local_batch).
+        if isinstance(gpus, int) and "batch_size" in info.data and (
+                problem := batch_split_problem(info.data["batch_size"], gpus)):
+            raise ValueError(problem)
+        return gpus
 
     @field_validator("backbones")
     @classmethod

@@ -37,6 +37,11 @@ def choose(requested: str, device: torch.device, arch: str, capability: tuple[in
             log.warning("train.precision is bf16 but this GPU (capability %d.%d) has no native bf16; it will be "
                         "slow. Use auto (fp16 with a GradScaler here).", *capability)
         return requested
+    if device.type == "mps":  # fp32: no half-precision training path here has been shown right on Apple's GPU
+        if requested in ("bf16", "fp16"):
+            raise PipelineError(f"train.precision is {requested}, but on Apple's GPU (mps) the pipeline trains in "
+                                "fp32; use auto or fp32.")
+        return "fp32"
     native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
     if requested == "fp16":
         raise PipelineError("train.precision is fp16, which needs a CUDA GPU; on the CPU use auto, fp32 or bf16.")
@@ -45,6 +50,16 @@ def choose(requested: str, device: torch.device, arch: str, capability: tuple[in
     if requested == "bf16" and not native:
         log.warning("train.precision is bf16 but this CPU has no native bf16 (AVX512-BF16/AMX); it will be slow.")
     return requested
+
+
+def for_inference(trained: str, device: torch.device) -> str:
+    """The precision to predict in for a model trained in `trained`: the same where this device has it natively, else
+    fp32 (always fp32 on the CPU, where a prediction pass is cheap and bf16 rounding moves probabilities by ~1e-3)."""
+    if device.type != "cuda" or trained == "fp32":
+        return "fp32"
+    if trained == "bf16":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
+    return trained  # fp16: every CUDA card runs it natively
 
 
 def autocast(precision: str, device: torch.device):

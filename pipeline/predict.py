@@ -7,7 +7,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import onnx_io
-from pipeline.common import IMAGE_SUFFIXES, PipelineError, run_main
+from pipeline.common import IMAGE_SUFFIXES, PipelineError, available_cores, run_main
 from pipeline.images import decode, normalize
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,7 @@ def main() -> None:
     sources, bad, system = collect(args.paths)
     if system:
         log.info("Ignored %d file-browser files (Thumbs.db, .DS_Store, ...)", system)
-    images, errors = decode_sources(sources, size, min(8, os.cpu_count() or 1))
+    images, errors = decode_sources(sources, size, min(8, available_cores()))
     bad += [e for e in errors if e]
     if bad and not args.skip_bad:
         raise PipelineError(f"{len(bad)} input files are not readable images; remove them or pass --skip-bad:\n  "

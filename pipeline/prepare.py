@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, is_image_file, run_main, slide_group
+from pipeline.common import PipelineError, is_image_file, run_main, slide_group, written_whole
 from pipeline.images import decode
 from pipeline.params import load_params
 
@@ -199,15 +199,20 @@ def prepare(raw: Path, out: Path, *, img_size: int, holdout_fraction: float, see
     df = df.reset_index(drop=True)
     cache = decode_all(df, img_size)
     check(df)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "images.npy", cache)
     df["path"] = df["path"].map(lambda p: str(Path(p).relative_to(raw)))
     df["label"] = df["label"].astype("Int64")
-    df[["split", "img_name", "label", "group", "width", "height", "hash", "path"]].to_csv(out / "index.csv", index=False)
     sample = root.parent / "sample_submission.csv" if root is not None else None
     sub = pd.read_csv(sample) if sample is not None and sample.is_file() else \
         df.loc[df["split"] == "hidden", ["img_name"]].assign(label=0)
-    sub.to_csv(out / "sample_submission.csv", index=False)
+    # The folder whole or not at all: a killed or disk-full run never leaves a cache (or a cache and an index of
+    # different runs) that the next run trusts.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(out, cache.nbytes) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "images.npy", cache)
+        df[["split", "img_name", "label", "group", "width", "height", "hash", "path"]].to_csv(tmp / "index.csv",
+                                                                                            index=False)
+        sub.to_csv(tmp / "sample_submission.csv", index=False)
     for split, part in df.groupby("split", sort=False):
         log.info("%-6s %5d images, %4d slides, positive rate %s", split, len(part), part["group"].nunique(),
                  f"{part['label'].mean():.3f}" if part["label"].notna().any() else "n/a")

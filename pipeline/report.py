@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main
+from pipeline.common import PipelineError, run_main, write_text_whole
 from pipeline.model_card import model_card
 from pipeline.params import load_params
 
@@ -141,9 +141,9 @@ def to_html(nb, *, no_input: bool = False) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text, making the folder."""
+    """Write UTF-8 text, whole or not at all, making the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_text_whole(path, text)
 
 
 def write_pdf(html: str, pdf: Path) -> int:

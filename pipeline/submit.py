@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, git_commit, run_main
+from pipeline.common import PipelineError, git_commit, run_main, written_whole
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
             sub = pd.DataFrame({"img_name": sample["img_name"], "label": (prob >= m["threshold"]).astype(int)})
             sub = sub[sample.columns]
             validate_submission(sub, sample, name)
-            sub.to_csv(out / f"{name}.csv", index=False)
+            with written_whole(out / f"{name}.csv") as tmp:  # a kill never leaves a truncated submission
+                sub.to_csv(tmp, index=False)
             # Not held out: the test images were in training (data.train_on_test), or the student learned them
             # unlabelled (distill.unlabelled), which makes its score transductive.
             seen = all_seen or (model == "student" and bool(smetrics.get("unlabelled", {}).get("test_transductive")))
@@ -73,7 +74,8 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
     # Held-out test scores rank first: a score on test images a model learned from is no estimate.
     board = pd.DataFrame(rows).sort_values(["test_seen", "test_accuracy", "test_roc_auc", "cv_accuracy"],
                                            ascending=[True, False, False, False], na_position="last")
-    board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
+    with written_whole(out / "leaderboard.csv") as tmp:
+        board.to_csv(tmp, index=False, float_format="%.4f")
     log.info("Local leaderboard (labelled test set):\n%s", board.to_string(index=False))
     if metrics_json is not None:
         metrics_json.write_text(json.dumps(headline(board, all_seen), indent=2))

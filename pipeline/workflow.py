@@ -13,8 +13,9 @@ import torch
 
 from pipeline import distributed as ddp
 from pipeline import fingerprint as fp
+from pipeline.common import written_whole
 from pipeline.dataset import CellDataset, split_rows, targets
-from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.engine import TrainConfig, fit, predict, resolve_device, run_fingerprint
 from pipeline.models import UntrustedCheckpoint, load_checkpoint, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def start_processes(module: str, p: dict) -> bool:
         return False
     n = ddp.processes_wanted(p["gpus"], p["device"])
     if n > 1:
+        ddp.local_batch(p["batch_size"], n)  # a global batch the processes cannot share stops here, before torchrun
         ddp.relaunch(module, sys.argv[1:], n)
         return True
     return False
@@ -77,7 +79,8 @@ def write_predictions(model, images, index, rows, out_csv: Path, cfg: TrainConfi
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     if ddp.is_main():
-        df.to_csv(path, index=False, float_format="%.6f")
+        with written_whole(path) as tmp:  # a later stage never reads a truncated table
+            df.to_csv(tmp, index=False, float_format="%.6f")
 
 
 def write_split_predictions(model, images, index, out: Path, cfg: TrainConfig, views: list[str], crop_scale: float,
@@ -101,23 +104,27 @@ def write_split_predictions(model, images, index, out: Path, cfg: TrainConfig, v
     return tables
 
 
-def _checkpoint_differences(ckpt: Path, last: Path, fingerprint: dict) -> list[str]:
+def _checkpoint_differences(ckpt: Path, last: Path, fingerprint: dict, run: dict) -> list[str]:
     """What differs between the kept checkpoint's inputs and this run's, or between it and the epoch last.pt
-    says was kept (a kill between writing the two); empty when both belong to this run."""
+    says was kept (a kill between writing the two), or, for a half-trained last.pt, between its process split and
+    this run's (`run`, engine.run_fingerprint); empty when both belong to this run."""
     if not ckpt.is_file():
         return [f"{ckpt} is missing"]
     path = ckpt  # the file being read, for the reason
     try:
         kept = read_checkpoint(ckpt)
         path = last
-        state = read_checkpoint(last).get("state", {})
+        resumable = read_checkpoint(last)
+        state = resumable.get("state", {})
     except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
         return [f"{path} is not weights only: {e.reason}"]
     except Exception as e:  # a truncated or foreign file: it does not belong to this run
         return [f"{path} cannot be read ({type(e).__name__}: {e})"]
     if kept.get("epoch") != state.get("best_epoch"):
         return [f"{ckpt} holds epoch {kept.get('epoch')} but {last} kept epoch {state.get('best_epoch')}"]
-    return fp.differences(kept.get("fingerprint"), fingerprint)
+    # A finished model is reused at any process count; a half-trained one resumes only at its own.
+    return fp.differences(kept.get("fingerprint"), fingerprint) or (
+        [] if state.get("done") else fp.resume_only_differences(resumable.get("fingerprint"), run))
 
 
 def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
@@ -126,12 +133,16 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
     epoch's metrics and the model rebuilt from that checkpoint (teachers and student alike).
 
     `fingerprint` (pipeline.fingerprint.make) names everything the weights depend on: last.pt is resumed and
-    checkpoint.pt reused only when it is unchanged."""
-    from dvclive import Live  # imported late: it is slow to import and only the stages need it
-
+    checkpoint.pt reused only when it is unchanged, and a half-trained last.pt only at the process count (and
+    train.sync_bn) it was trained with."""
+    try:
+        from dvclive import Live  # imported late: it is slow to import and only the stages need it
+    except ImportError:  # a machine without DVC (docs/gpu.md, `wheelhouse --without-dvc`): no curves, same model
+        Live = None
     ckpt, last = out / "checkpoint.pt", out / "last.pt"
     # The kept checkpoint belongs to last.pt's run: if it was trained on other inputs (or is gone), so was last.pt.
-    if ddp.is_main() and last.is_file() and (diff := _checkpoint_differences(ckpt, last, fingerprint)):
+    run = run_fingerprint(cfg, fingerprint)
+    if ddp.is_main() and last.is_file() and (diff := _checkpoint_differences(ckpt, last, fingerprint, run)):
         log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
         last.unlink()
     ddp.barrier()
@@ -141,6 +152,10 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
         best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, None, fingerprint)
         model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
         return best, model
+    if Live is None:
+        log.warning("dvclive is not installed: %s gets no training curves (pip install dvclive)", out)
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, save, fingerprint)
+        return best, load_checkpoint(ckpt, resolve_device(cfg.device))[0]
     # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.
     with Live(dir=str(out / "live"), resume=False, dvcyaml=None, save_dvc_exp=False) as live:
         best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save, fingerprint)

@@ -1,7 +1,9 @@
 """DDP (torchrun, gloo on the CPU): sharding, the stage re-launching itself, resume under DDP, a failing rank."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +18,14 @@ import yaml
 
 from pipeline import distributed as ddp
 from pipeline import engine
+from pipeline import fingerprint as fp
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset, load_cache, split_rows
 from pipeline.engine import TrainConfig
 from pipeline.folds import make_folds
 from pipeline.metrics import binary_metrics
 from pipeline.models import load_checkpoint
+from pipeline.params import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -51,6 +55,34 @@ def test_each_epoch_every_image_is_drawn_once_across_ranks(monkeypatch, n):
         assert counts.min() == 1 and counts.sum() == n + n % 2
         orders[epoch] = drawn
     assert orders[1] != orders[2]  # a new shuffle each epoch
+
+
+def test_train_batch_size_is_the_global_batch_split_over_the_processes(monkeypatch):
+    ds = CellDataset(np.zeros((64, 8, 8, 3), np.uint8), np.zeros((64, 2), np.float32), transform=None)
+    cfg = TrainConfig(batch_size=32, num_workers=0, device="cpu")
+    for world in (1, 2, 4):
+        as_rank(monkeypatch, 0, world)
+        batches = engine.train_loader(ds, cfg, torch.device("cpu"))
+        assert batches.batch_size == 32 // world and len(batches) == 2  # the same steps per epoch at any count
+    with pytest.raises(PipelineError, match=r"train.batch_size 33 \(the global batch\) does not split evenly over 2 "
+                                            r"processes \(train.gpus\): set it to a multiple of 2, e.g. 32 or 34"):
+        ddp.local_batch(33, 2)
+    with pytest.raises(PipelineError, match="leaves fewer than 2 images per process, and BatchNorm needs 2: set "
+                                            "train.batch_size to at least 8"):
+        ddp.local_batch(6, 4)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(PipelineError, match="train.gpus: 2 is not allowed: train.batch_size 33 .* does not split"):
+        with_overrides(params, ["train.gpus=2", "train.batch_size=33"])  # the schema says so when gpus is a number
+
+
+def test_the_process_split_is_resume_only():
+    one, two = (engine.run_fingerprint(TrainConfig(world_size=n, sync_bn=n > 1), fp.make({"a": 1}, {"b": "c"}))
+                for n in (1, 2))
+    assert one["params"] == two["params"] and not fp.differences(one, two)  # a finished model is reused
+    assert fp.resume_only_differences(two, one) == [
+        "it was trained with 2 processes and this run has 1 (a half-trained run resumes only at the same process "
+        "count)", "it was trained with train.sync_bn True and this run has False (a half-trained run resumes only "
+        "with the same)"]
 
 
 def test_sharded_prediction_is_gathered_in_the_original_order(monkeypatch):
@@ -88,12 +120,14 @@ def small_project(nndl_prepared, tmp_path_factory) -> Path:
     return root
 
 
-def run_train(project: Path, prepared: Path, out: Path, timeout: float = 300, **train) -> subprocess.CompletedProcess:
+def run_train(project: Path, prepared: Path, out: Path, timeout: float = 300, fold: int | None = None,
+              **train) -> subprocess.CompletedProcess:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(train)
     (out.parent / "params.yaml").write_text(yaml.safe_dump(params))
     return subprocess.run([sys.executable, "-m", "pipeline.train", "--backbone", "resnet10t", "--prepared",
-                           str(prepared), "--folds", str(project / "folds.csv"), "--out", str(out)],
+                           str(prepared), "--folds", str(project / "folds.csv"), "--out", str(out),
+                           *(["--fold", str(fold)] if fold is not None else [])],
                           cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -104,40 +138,66 @@ def oof_scores(out: Path, index: pd.DataFrame, folds: pd.DataFrame) -> dict:
     return binary_metrics(y, oof["prob"].to_numpy())
 
 
-def test_two_gloo_processes_train_like_one(small_project, nndl_prepared, tmp_path):
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def one_and_two(small_project, nndl_prepared, tmp_path_factory) -> dict[str, tuple[Path, str, float]]:
+    """The small project trained to the end by 1 process and by 2, with the same params (train.batch_size 32, the
+    global batch): per name, its models folder, its log and its seconds."""
+    root = tmp_path_factory.mktemp("one_and_two")
+    runs = {}
+    for name, gpus in (("one", 1), ("two", 2)):
+        (root / name).mkdir()
+        start = time.perf_counter()
+        r = run_train(small_project, nndl_prepared.out, root / name / "models", gpus=gpus)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (root / name / "models", r.stderr, time.perf_counter() - start)
+    return runs
+
+
+def test_two_gloo_processes_train_like_one(one_and_two, small_project, nndl_prepared):
     index, images = load_cache(nndl_prepared.out)
     folds = pd.read_csv(small_project / "folds.csv", dtype={"img_name": str})
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    start = time.perf_counter()
-    one = run_train(small_project, nndl_prepared.out, tmp_path / "one" / "models", gpus=1)
-    t_one = time.perf_counter() - start
-    assert one.returncode == 0, one.stderr[-3000:]
-    # The same global batch (2 x 16 = 32) and so the same steps per epoch as the one process.
-    start = time.perf_counter()
-    two = run_train(small_project, nndl_prepared.out, tmp_path / "two" / "models", gpus=2, batch_size=16)
-    t_two = time.perf_counter() - start
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "Launching 2 processes (DDP)" in two.stderr and "DDP rank 0 of 2 (gloo)" in two.stderr
-    assert "batch 16 x 2 process(es) = 32" in two.stderr
-    a, b = (oof_scores(tmp_path / d / "models", index, folds) for d in ("one", "two"))
+    (one, one_log, t_one), (two, two_log, t_two) = one_and_two["one"], one_and_two["two"]
+    assert "Launching 2 processes (DDP)" in two_log and "DDP rank 0 of 2 (gloo)" in two_log
+    # The same params, the same global batch (so the same steps per epoch), split over the processes.
+    assert "batch 32 (global) = 32 x 1 process(es)" in one_log and "batch 32 (global) = 16 x 2 process(es)" in two_log
+    a, b = (oof_scores(d, index, folds) for d in (one, two))
     print(f"1 process: {t_one:.1f} s, OOF {a}\n2 processes: {t_two:.1f} s, OOF {b}")
     # Measured: AUC within 0.02, accuracy within 0.04 (other shuffles, other augmentation draws per step).
     assert b["roc_auc"] > 0.8 and abs(a["roc_auc"] - b["roc_auc"]) < 0.05 and abs(a["accuracy"] - b["accuracy"]) < 0.08
     for split in ("test", "hidden"):  # every test/hidden image once, in the index's order
-        df = pd.read_csv(tmp_path / "two" / "models" / "fold0" / f"{split}.csv", dtype={"img_name": str})
+        df = pd.read_csv(two / "fold0" / f"{split}.csv", dtype={"img_name": str})
         assert df["img_name"].tolist() == index["img_name"].iloc[split_rows(index, split)].tolist()
-    model, ck = load_checkpoint(tmp_path / "two" / "models" / "fold0" / "checkpoint.pt")  # one process loads it
-    last = torch.load(tmp_path / "two" / "models" / "fold0" / "last.pt", map_location="cpu", weights_only=False)
-    assert last["fingerprint"]["params"]["config.world_size"] == 2  # 2 processes: another run than 1 process
+    model, ck = load_checkpoint(two / "fold0" / "checkpoint.pt")  # one process loads it
+    lasts = [torch.load(d / "fold0" / "last.pt", weights_only=True)["fingerprint"] for d in (one, two)]
+    assert lasts[0]["params"] == lasts[1]["params"]  # one recipe: the process count is recorded apart, to resume only
+    assert [f["resume_only"]["config.world_size"] for f in lasts] == [1, 2]
     x = torch.as_tensor(np.asarray(images[:4]), dtype=torch.float32).permute(0, 3, 1, 2) / 255
     assert torch.isfinite(model(x)).all()
-    assert not (tmp_path / "two" / "models" / "fold0" / "live" / "rank1").exists()
+    assert not (two / "fold0" / "live" / "rank1").exists()
 
 
-def test_ddp_run_killed_mid_training_resumes_under_ddp(small_project, nndl_prepared, tmp_path):
+def test_a_finished_model_is_reused_at_any_process_count(one_and_two, small_project, nndl_prepared, tmp_path):
+    """The README's keep-and-resume recipe across machines: models finished on 2x T4 are reused on a P100, and back."""
+    for name, gpus in (("two", 1), ("one", 2)):
+        models = tmp_path / name / "models"
+        shutil.copytree(one_and_two[name][0], models)
+        kept = {d.name: sha(d / "checkpoint.pt") for d in models.glob("fold*")}
+        r = run_train(small_project, nndl_prepared.out, models, gpus=gpus)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stderr.count("; not retraining") == 2 and "Setting aside" not in r.stderr, r.stderr[-3000:]
+        assert {d.name: sha(d / "checkpoint.pt") for d in models.glob("fold*")} == kept
+        assert ("Launching 2 processes (DDP)" in r.stderr) == (gpus == 2)
+
+
+def test_a_killed_ddp_run_resumes_at_its_process_count_and_restarts_at_another(small_project, nndl_prepared,
+                                                                               tmp_path):
     out = tmp_path / "models"
     params = yaml.safe_load((small_project / "params.yaml").read_text())
-    params["train"].update(gpus=2, batch_size=16, epochs=4)
+    params["train"].update(gpus=2, epochs=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [sys.executable, "-m", "pipeline.train", "--backbone", "resnet10t", "--prepared", str(nndl_prepared.out),
            "--folds", str(small_project / "folds.csv"), "--out", str(out), "--fold", "0"]
@@ -153,12 +213,25 @@ def test_ddp_run_killed_mid_training_resumes_under_ddp(small_project, nndl_prepa
         time.sleep(0.1)
     assert not subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout, "a worker outlived torchrun"
     assert last.is_file(), "no epoch finished before the deadline"
-    done = torch.load(last, map_location="cpu", weights_only=False)["state"]["epoch"]
+    done = torch.load(last, map_location="cpu", weights_only=True)["state"]["epoch"]
     assert done < 4
+    # One process (a P100 after 2x T4): the half-trained run is set aside, saying why, and trained again from scratch.
+    (tmp_path / "p100").mkdir()
+    shutil.copytree(out, tmp_path / "p100" / "models")
+    single = run_train(small_project, nndl_prepared.out, tmp_path / "p100" / "models", gpus=1, epochs=4, fold=0)
+    assert single.returncode == 0, single.stderr[-3000:]
+    p100_last = tmp_path / "p100" / "models" / "fold0" / "last.pt"
+    assert (f"Setting aside {p100_last} and training from scratch, because it was trained with 2 processes and this "
+            "run has 1 (a half-trained run resumes only at the same process count)") in single.stderr, \
+        single.stderr[-3000:]
+    assert "Resuming" not in single.stderr and "epoch 1/4" in single.stderr
+    finished = torch.load(p100_last, map_location="cpu", weights_only=True)
+    assert finished["state"]["epoch"] == 4 and finished["fingerprint"]["resume_only"]["config.world_size"] == 1
+    # Two processes again: it resumes where it stopped.
     again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"after epoch {done} (same params and data)" in again.stderr
-    assert torch.load(last, map_location="cpu", weights_only=False)["state"]["epoch"] == 4
+    assert torch.load(last, map_location="cpu", weights_only=True)["state"]["epoch"] == 4
 
 
 def test_a_rank_that_raises_fails_the_stage_with_its_error(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from pipeline.distill import unlabelled_rows
+from pipeline.common import PipelineError
+from pipeline.distill import teacher_files, unlabelled_rows
 
 
 def layout(tmp_path, public: bool):
@@ -47,3 +49,15 @@ def test_no_label_is_read(tmp_path):
     assert "label" not in index  # reading a label would raise KeyError
     for mode in ("none", "hidden", "hidden_and_test"):
         unlabelled_rows(index, tmp_path, mode, "ensemble_tta")
+
+
+def test_the_students_teachers_are_the_checkpoints_its_targets_come_from(tmp_path):
+    for d in ("a/fold0", "a/fold1", "a/full", "b/fold0"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "checkpoint.pt").write_bytes(b"")
+    names = lambda files: [f.parent.relative_to(tmp_path).as_posix() for f in files]
+    # The training images' targets are the folds' OOF; the refit model counts only when hidden images are fed.
+    assert names(teacher_files(tmp_path, ["a", "b"], {"a"}, "none")) == ["a/fold0", "a/fold1", "b/fold0"]
+    assert names(teacher_files(tmp_path, ["a", "b"], {"a"}, "hidden")) == ["a/fold0", "a/fold1", "a/full", "b/fold0"]
+    with pytest.raises(PipelineError, match="c has no fold checkpoint"):
+        teacher_files(tmp_path, ["c"], set(), "none")

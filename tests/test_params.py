@@ -50,7 +50,7 @@ BAD = [  # key, bad value, words the message must hold besides the key
     ("train.lr", "0.002", ["'0.002'", "valid number"]),
     ("train.lr", -0.1, ["-0.1", "greater than 0"]),
     ("train.batch_size", 1, ["1", "greater than or equal to 2"]),
-    ("train.device", "gpu", ["'gpu'", "'auto', 'cpu' or 'cuda'"]),
+    ("train.device", "gpu", ["'gpu'", "'auto', 'cpu', 'cuda' or 'mps'"]),
     ("train.pretrained", "yes", ["'yes'", "boolean"]),
     ("data.source", "s3", ["'s3'", "'demo', 'local', 'kaggle' or 'synthetic'"]),
     ("data.img_size", 8, ["8", "greater than or equal to 16"]),

@@ -19,7 +19,7 @@ from pipeline import fingerprint as fp
 from pipeline.distill import distill
 from pipeline.engine import TrainConfig
 from pipeline.folds import make_folds
-from pipeline.models import create_model
+from pipeline.models import create_model, save_checkpoint
 from pipeline.train import train_fold
 from pipeline.transforms import AugParams
 from test_params import with_value
@@ -164,7 +164,8 @@ def test_a_killed_run_resumes_with_the_same_inputs(small, tmp_path, caplog, monk
     monkeypatch.setattr(engine, "_log_live", killed)
     with pytest.raises(KeyboardInterrupt):
         run(small, out)
-    assert {"model", "ema", "opt", "rng"} <= set(torch.load(out / "last.pt", weights_only=False))  # to resume from
+    # to resume from; no RNG state: fit seeds every epoch from (train.seed, epoch, rank)
+    assert {"model", "ema", "opt"} <= set(torch.load(out / "last.pt", weights_only=True))
     monkeypatch.setattr(engine, "_log_live", real_log_live)
     with caplog.at_level(logging.INFO):
         run(small, out)
@@ -186,33 +187,78 @@ def test_an_old_last_pt_without_fingerprint_is_set_aside(small, trained, tmp_pat
     assert "no fingerprint" in caplog.text
 
 
-def fake_ensemble(root: Path, prepared, shift: float) -> Path:
-    """An ensemble folder with OOF soft targets (labels softened by `shift`) and the metrics distill reads."""
-    d = root / f"ensemble{shift}"
+def fake_teacher(models: Path, fold: int, fingerprint: dict, images_per_s: float = 100.0) -> None:
+    """A resnet10t fold checkpoint as the train stage writes it: its fingerprint, kept epoch and a timing."""
+    path = models / "resnet10t" / f"fold{fold}" / "checkpoint.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(fold)
+    save_checkpoint(path, create_model("resnet10t"), arch="resnet10t", params={}, epoch=3,
+                    metric={"val_roc_auc": 0.9, "images_per_s": images_per_s}, extra={"fingerprint": fingerprint})
+
+
+@pytest.fixture(scope="module")
+def few_cells(nndl_prepared, tmp_path_factory) -> Path:
+    """A prepared cache of 400 training, 40 test and 40 hidden cells of the real sample, for quick students."""
+    out = tmp_path_factory.mktemp("few") / "prepared"
+    out.mkdir()
+    index = nndl_prepared.index
+    rows = np.concatenate([np.flatnonzero(index["split"] == s)[:n] for s, n in (("train", 400), ("test", 40),
+                                                                                 ("hidden", 40))])
+    index.iloc[rows].to_csv(out / "index.csv", index=False)
+    np.save(out / "images.npy", nndl_prepared.images[rows])
+    return out
+
+
+def fake_ensemble(d: Path, prepared: Path, noise: float = 0.0, method: str = "mean", threshold: float = 0.5) -> Path:
+    """The ensemble folder distill reads: OOF soft targets (labels softened to 0.1/0.9, plus uniform noise of
+    `noise`, as a GPU's re-prediction gives) and scores.json with the blend and threshold chosen."""
     d.mkdir(exist_ok=True)
-    train = prepared.index[prepared.index["split"] == "train"]
-    soft = np.where(train["label"].to_numpy() == 1, 1 - shift, shift)
+    index = pd.read_csv(prepared / "index.csv", dtype={"img_name": str})
+    train = index[index["split"] == "train"]
+    soft = np.where(train["label"].to_numpy() == 1, 0.9, 0.1)
+    soft = soft + np.random.default_rng(1).uniform(-noise, noise, len(soft))
     pd.DataFrame({"img_name": train["img_name"], "ensemble_tta": soft}).to_csv(d / "oof.csv", index=False)
     m = {"accuracy": 0.5, "roc_auc": 0.5, "log_loss": 1.0}
-    (d / "scores.json").write_text(json.dumps({"metrics": {"ensemble": {"test": m}, "ensemble_tta": {"test": m}}}))
+    blend = {"method": method, "weights": {"resnet10t": 1.0}, "cv_log_loss": {"mean": 0.2 + noise},
+             "threshold": threshold}
+    (d / "scores.json").write_text(json.dumps({"blend": {"ensemble": blend, "ensemble_tta": blend},
+                                               "metrics": {"ensemble": {"test": m}, "ensemble_tta": {"test": m}},
+                                               "refit": {"on": False}}))
     return d
 
 
-def test_the_student_retrains_when_its_teachers_targets_change(nndl_prepared, tmp_path, caplog):
-    out = tmp_path / "student"
+def test_the_student_is_keyed_on_what_its_targets_come_from_not_their_float_values(few_cells, tmp_path, caplog):
+    out, models, ensemble = tmp_path / "student", tmp_path / "models", tmp_path / "ensemble"
     kwargs = dict(student="resnet10t", alpha=0.5, temperature=2.0, cfg=replace(CFG, epochs=1, select_best=False),
                   aug=AugParams(), pretrained=False, weights_dir="", drop_rate=0.0, views=["identity"],
                   crop_scale=0.875, teacher_column="ensemble_tta", timing_images=8, params={"test": True},
-                  learned={"distill.alpha": 0.5})
-    models = tmp_path / "models"
-    models.mkdir()
-    distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.1), models, out, **kwargs)
+                  learned={"distill.alpha": 0.5}, backbones=["resnet10t"])
+    teachers = {k: fp.make({"model.fold": k}, {"images.npy": "abc"}) for k in (0, 1)}
+    for k, f in teachers.items():
+        fake_teacher(models, k, f)
+
+    def again(**ensemble_kwargs) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            distill(few_cells, fake_ensemble(ensemble, few_cells, **ensemble_kwargs), models, out, **kwargs)
+        return caplog.text
+
+    again()
     first = sha(out / "checkpoint.pt")
-    with caplog.at_level(logging.INFO):
-        distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.1), models, out, **kwargs)
-    assert "not retraining" in caplog.text and sha(out / "checkpoint.pt") == first
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        distill(nndl_prepared.out, fake_ensemble(tmp_path, nndl_prepared, 0.3), models, out, **kwargs)
-    assert "Setting aside" in caplog.text and "soft_targets content changed" in caplog.text
-    assert sha(out / "checkpoint.pt") != first
+    # The teachers re-predicted with ~1e-3 of noise, their checkpoints rewritten with other timings: the same targets.
+    for k, f in teachers.items():
+        fake_teacher(models, k, f, images_per_s=123.4)
+    log = again(noise=1e-3)
+    assert "not retraining" in log and "Setting aside" not in log and sha(out / "checkpoint.pt") == first
+    # Another blend and threshold chosen: retrained, saying so.
+    log = again(method="weighted", threshold=0.42)
+    reason = log.split("Setting aside", 1)[1].splitlines()[0] if "Setting aside" in log else log
+    assert "ensemble.blend: 'mean' -> 'weighted'" in reason and "ensemble.threshold: 0.5 -> 0.42" in reason, reason
+    second = sha(out / "checkpoint.pt")
+    assert second != first
+    # A teacher trained on other inputs (its fingerprint changed): retrained, naming it.
+    fake_teacher(models, 1, fp.make({"model.fold": 1}, {"images.npy": "def"}))
+    log = again(method="weighted", threshold=0.42)
+    reason = log.split("Setting aside", 1)[1].splitlines()[0] if "Setting aside" in log else log
+    assert "teacher.resnet10t/fold1.fingerprint" in reason and "fold0" not in reason, reason
+    assert sha(out / "checkpoint.pt") != second

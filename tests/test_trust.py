@@ -159,7 +159,7 @@ def test_predict_refuses_to_read_the_image_size_from_a_checkpoint_that_is_not_we
 def test_distill_refuses_a_teacher_that_is_not_weights_only(tmp_path, marker, checkpoint):
     bad = plant(tmp_path / "models" / ARCH / "fold0" / "checkpoint.pt", marker, checkpoint)
     with pytest.raises(UntrustedCheckpoint, match=re.escape(str(bad))):
-        ms_per_image([bad], np.zeros((2, 32, 32, 3), np.uint8), CFG, {"plain": ["identity"]}, 0.875, AugParams())
+        ms_per_image([bad], np.zeros((2, 32, 32, 3), np.uint8), CFG, {"plain": ["identity"]}, 0.875)
 
 
 def test_export_refuses_a_student_that_is_not_weights_only(tmp_path, marker, checkpoint):
