@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ class TrainConfig:
     cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
     progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)
     sync_bn: bool = False      # DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
+    compile: bool | str = "auto"  # torch.compile the training forward (auto = off; see compiled)
     world_size: int = 1        # DDP processes (set by the stage); batch_size is the global batch, split over them
 
 
@@ -178,7 +181,7 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
 
 
 # TrainConfig fields that change speed, not the weights: a run may resume with other values.
-_SPEED_ONLY = ("num_workers", "device")
+_SPEED_ONLY = ("num_workers", "device", "compile")
 # Fields that split a run over processes without changing its recipe (batch_size is the global batch): a finished
 # model is reused whatever they are; a half-trained last.pt resumes only with the same (fingerprint.resume_only_*).
 _RESUME_ONLY = ("world_size", "sync_bn")
@@ -266,6 +269,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
     # The DDP wrapper averages gradients across ranks; EMA, optimizer and checkpoints use the plain module.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp.active() else model
+    net = compiled(net, cfg.compile, device)
     # Built once: a GPU's validation workers start once per fit, not once per epoch.
     val_batches = None if val_ds is None else eval_loader(val_ds, cfg, device, shard=True, persistent=True)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -328,6 +332,23 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
             break
     ddp.barrier()  # the kept checkpoint is on disk before any rank reads it
     return state["best"]
+
+
+def compiled(net: torch.nn.Module, setting: bool | str, device: torch.device) -> torch.nn.Module:
+    """`net` through torch.compile when train.compile asks for it (auto: off), else `net`. Only the training forward is
+    compiled: checkpoints, EMA and predictions use the plain module, so no `_orig_mod.` key reaches a file."""
+    if setting is not True:
+        return net
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        log.warning("train.compile is true but no C++ compiler is on PATH (torch.compile on the CPU needs one): "
+                    "training uncompiled. Install g++ (or clang++), or set train.compile: auto.")
+        return net
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a graph it cannot compile runs eagerly, with torch's warning
+    log.info("train.compile: the training forward goes through torch.compile (the first steps of each image size "
+             "compile it)")
+    return torch.compile(net)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> np.random.Generator:

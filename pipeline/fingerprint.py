@@ -18,7 +18,8 @@ STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 # train.gpus and train.sync_bn split a run over processes without changing its recipe (train.batch_size is the global
 # batch): what the run did with them (TrainConfig.world_size and .sync_bn) is recorded as resume-only (see make).
 INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
-                            "train.refit", "train.gpus", "train.sync_bn", "distill.timing_images"})
+                            "train.refit", "train.gpus", "train.sync_bn", "train.compile",
+                            "distill.timing_images"})
 # The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
 TRAINING_CODE = ("engine.py", "losses.py", "batch_aug.py", "transforms.py", "dataset.py", "precision.py", "models.py")
 

@@ -106,6 +106,9 @@ class Train(Section):
                     "visible GPU (1 on the CPU); on the CPU a number > 1 uses gloo. A finished model is reused at "
                     "any count")
     sync_bn: bool = Field(description="DDP: BatchNorm statistics over all processes' batches (SyncBatchNorm)")
+    compile: Union[Literal["auto"], bool] = Field(
+        description="torch.compile the training step's model: auto = off (not yet shown to pay on a CPU or a GPU); "
+                    "true needs a C++ compiler on the CPU (else it trains uncompiled, with a warning)")
     seed: int = Field(ge=0, description="root seed; per-(backbone, fold) seeds derive from it")
 
     @field_validator("precision")
