@@ -41,6 +41,19 @@ def speed_and_memory(check: Check) -> dict:
                 ips = images_per_s(model, iter(lambda: (x, torch.zeros(64, 2)), None), check.device, n,
                                    precision=precision)
                 d[f"img/s {arch} {size}px {precision}"] = round(ips)
+    if check.cuda:  # train.compile's row: one backbone, its auto precision, compiled against eager
+        from pipeline.precision import choose
+
+        model, x = create_model("resnet18").to(check.device).to(memory_format=torch.channels_last), \
+            torch.randn(64, 3, 128, 128)
+        precision = choose("auto", check.device, "resnet18")
+        t0 = time.perf_counter()
+        compiled = torch.compile(model)
+        images_per_s(compiled, iter(lambda: (x, torch.zeros(64, 2)), None), check.device, 1, warmup=0,
+                     precision=precision)
+        d["compile resnet18 128px first step s"] = round(time.perf_counter() - t0, 1)
+        d["img/s resnet18 128px compiled"] = round(images_per_s(
+            compiled, iter(lambda: (x, torch.zeros(64, 2)), None), check.device, n, precision=precision))
     return d
 
 
