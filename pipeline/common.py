@@ -53,13 +53,20 @@ def written_whole(path: Path, needed_bytes: int | None = None):
     later run never trusts a half-written one. On any failure the temporary is removed and `path` is left as it was;
     a full disk is one PipelineError naming the path and about how much space it needs."""
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # a folder linked to a bigger disk: write there, keep the link
+        path = path.resolve()
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        tmp.replace(path)
+        if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed over another: move the old one aside first
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.replace(old)
+            tmp.replace(path)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if not disk_full(e):

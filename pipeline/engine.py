@@ -171,13 +171,14 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
             probs = [F.softmax(model(apply_view(x, v, crop_scale)).float(), 1)[:, 1] for v in views]
         out.append(torch.stack(probs, 1).cpu())
     probs = torch.cat(out).numpy() if out else np.zeros((0, len(views)), np.float32)
+    probs = ddp.gather_rows(probs, n) if shard else probs  # every rank sees (and raises on) the same array
     if not np.isfinite(probs).all():
         arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         raise PipelineError(
             f"{arch}: {int((~np.isfinite(probs)).sum())} of {probs.size} probabilities are NaN or infinite predicting "
             f"{desc} in {run_in} on {device} (trained in {trained}): its activations overflow there. Set "
             "`train.precision: fp32` (or bf16 on a card that has it natively) and run `dvc repro` again.")
-    return ddp.gather_rows(probs, n) if shard else probs
+    return probs
 
 
 # TrainConfig fields that change speed, not the weights: a run may resume with other values.

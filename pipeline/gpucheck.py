@@ -49,6 +49,7 @@ def _timeout(signum, frame):
 def run_section(check: Check, name: str, fn, cap_s: float) -> dict:
     """Run one section under its time cap; its row: status ok | fail | skip | timeout, seconds, details."""
     t0, details = time.perf_counter(), {}
+    check.partial.clear()
     signal.signal(signal.SIGALRM, _timeout)
     signal.setitimer(signal.ITIMER_REAL, cap_s)
     try:
@@ -57,9 +58,9 @@ def run_section(check: Check, name: str, fn, cap_s: float) -> dict:
     except Skip as e:
         status, details = "skip", {"reason": str(e)}
     except SectionTimeout:
-        status, details = "timeout", {"reason": f"over its cap of {cap_s:.0f} s"}
+        status, details = "timeout", {"reason": f"over its cap of {cap_s:.0f} s", **check.partial}
     except Exception as e:  # one broken section must not hide the others' results
-        status, details = "fail", {"error": f"{type(e).__name__}: {e}"}
+        status, details = "fail", {"error": f"{type(e).__name__}: {e}", **check.partial}
         log.error("Section %s failed:\n%s", name, traceback.format_exc())
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

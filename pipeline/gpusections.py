@@ -31,6 +31,7 @@ class Check:
     labels: np.ndarray = None
     made: dict = field(default_factory=dict)
     asked: tuple = ()  # the sections named with --only
+    partial: dict = field(default_factory=dict)  # what a long section measured so far, reported if it is cut short
 
     @property
     def cuda(self) -> bool:

@@ -102,3 +102,16 @@ def test_any_other_error_passes_through_and_a_success_replaces_the_file(tmp_path
     with written_whole(path) as tmp:
         np.save(tmp.open("wb"), np.zeros(3))
     assert path.is_file() and not leftovers(tmp_path)
+
+
+def test_a_folder_linked_to_another_disk_is_replaced_there_and_the_link_kept(tmp_path):
+    big = tmp_path / "big" / "prepared"
+    big.mkdir(parents=True)
+    (big / "old.txt").write_text("old")
+    link = tmp_path / "prepared"
+    link.symlink_to(big, target_is_directory=True)
+    with written_whole(link) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["new.txt"]
+    assert not leftovers(tmp_path) and not list(tmp_path.rglob(".*.old"))

@@ -76,3 +76,14 @@ def test_wheelhouse_carries_what_the_gpu_machine_lacks_and_never_torch():
     assert "eval-type-backport" not in pins
     with pytest.raises(PipelineError, match="eval-type-backport is not installed"):
         wheelhouse.closure(("albumentations",), "3.9")
+
+
+def test_a_section_cut_short_still_reports_what_it_measured(tmp_path):
+    check = Check(device=None, out=tmp_path)
+
+    def long(c):
+        c.partial["img/s a"] = 100
+        time.sleep(5)
+
+    row = gpucheck.run_section(check, "speed", long, 0.3)
+    assert row["status"] == "timeout" and row["details"]["img/s a"] == 100
