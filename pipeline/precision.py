@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,10 +15,15 @@ log = logging.getLogger(__name__)
 # Backbone families whose training step measured faster under CPU bf16 autocast on a CPU with native bf16
 # (AVX512-BF16, Zen 4, 2 threads, 64 px); EfficientNet's depthwise convolutions measured slower (0.6x).
 CPU_BF16_FASTER = ("resnet", "densenet")
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) that keep its native bf16 kernels.
+BF16_ISAS = ("BF16", "AMX", "AVX10", "AVX512_CORE_FP16")
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if limit and limit not in ("ALL", "DEFAULT") and not any(n in limit for n in BF16_ISAS):
+        return False  # oneDNN held below its bf16 kernels (e.g. AVX2, to stand in for a laptop): bf16 is emulated
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, so stay in fp32

@@ -50,3 +50,16 @@ def test_autocast_contexts():
     with ctx:
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
     assert precision.autocast("fp16", CUDA)[1] is not None
+
+
+@pytest.mark.parametrize("limit, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", None),
+                                           ("AVX512_CORE_AMX", None), ("ALL", None), ("", None)])
+def test_a_onednn_isa_limit_below_bf16_means_no_native_bf16(limit, native, monkeypatch, tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (standing in for a laptop) makes bf16 emulated whatever /proc/cpuinfo says."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("flags : avx2 avx512f avx512_bf16\n")
+    real = precision.Path
+    monkeypatch.setattr(precision, "Path", lambda p: flags if p == "/proc/cpuinfo" else real(p))
+    assert precision.cpu_has_native_bf16() is (True if native is None else native)
