@@ -20,7 +20,8 @@ from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline import precision as amp_precision
 from pipeline.engine import TrainConfig, fit, predict, resolve_device, setup_device, train_loader, workers
 from pipeline.losses import LabelLoss
-from pipeline.metrics import binary_metrics
+from pipeline.compare import labels_by_name, paired, summary
+from pipeline.metrics import accuracy_se, binary_metrics
 from pipeline.models import create_model, data_config
 from pipeline.params import load_params, with_overrides
 from pipeline.transforms import AugParams, build_transform
@@ -123,24 +124,35 @@ def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, a
     test_ds = CellDataset(images[te], targets(labels[te]), build_transform(False, aug, **norm))
     p = predict(model, test_ds, cfg, resolve_device(cfg.device))[:, 0]
     m = binary_metrics(labels[te].astype(int), p)
-    se = (m["accuracy"] * (1 - m["accuracy"]) / len(te)) ** 0.5
+    se = accuracy_se(m["accuracy"], len(te))
     result = {"backbone": backbone, "epochs": cfg.epochs, "train_images": len(tr), "test_images": len(te),
               "test_accuracy": m["accuracy"], "test_accuracy_se": se, "test_roc_auc": m["roc_auc"],
               "minutes": (time.perf_counter() - start) / 60}
+    # Per-cell, for paired tests against other runs (python -m pipeline.compare).
+    pd.DataFrame({"img_name": index["img_name"].to_numpy()[te], "prob": p}).to_csv(out / "test.csv", index=False,
+                                                                                   float_format="%.6f")
     print(f"plain {backbone}, {cfg.epochs} epochs on {len(tr)} cells at {images.shape[1]} px: test accuracy "
           f"{m['accuracy']:.4f} ± {se:.4f} (AUC {m['roc_auc']:.4f}) on {len(te)} cells in {result['minutes']:.2f} min")
     return result
 
 
-def labels_by_name(index: pd.DataFrame) -> pd.Series:
-    """Each labelled cell's label by img_name, once: the public layout's hidden rows repeat its test rows' names."""
-    return index[index["split"] != "hidden"].drop_duplicates("img_name").set_index("img_name")["label"]
+def against(row: dict, run: Path, reference: Path | None, prepared: Path) -> dict:
+    """Add the paired test of `run` against `reference` (a bench folder or a run's submission file) to `row`."""
+    if reference is None:
+        return row
+    r = paired(run, reference, prepared)
+    row.update(reference=str(reference), reference_accuracy=r["b"]["accuracy"], only_this=r["only_a"],
+               only_reference=r["only_b"], mcnemar_p=r["mcnemar_p"])
+    print(summary(r))
+    return row
 
 
-def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name: str, sets: list[str]) -> dict:
+def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name: str, sets: list[str],
+                 reference: Path | None = None) -> dict:
     """One ablation row: the first of train.backbones on every fold of folds_csv with these params (the train stage's
     own train_fold and seeds; finished folds are reused, so a TTA-only change only re-predicts): OOF accuracy and
-    AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, and minutes."""
+    AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, minutes, and the
+    paired test against `reference` (the base row's run folder, say)."""
     from pipeline.train import model_kwargs, train_fold  # a benchmark, not a stage: it may drive the train stage's code
 
     backbone = params["train"]["backbones"][0]
@@ -159,12 +171,13 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     test_prob = np.mean([t["prob_tta"].to_numpy() for t in tests], 0)
     cv = binary_metrics(label[oof["img_name"]].to_numpy(int), oof["prob_tta"].to_numpy())
     test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)
-    se = lambda acc, n: (acc * (1 - acc) / n) ** 0.5
+    se = accuracy_se
     row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
            "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
            "test_accuracy": test["accuracy"],
            "test_accuracy_se": se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
            "minutes": minutes}
+    row = against(row, out, reference, prepared)
     with open(out.parent / "ablations.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"| {name} | {' '.join(sets) or '(base)'} | {cv['accuracy']:.3f} ± {row['cv_accuracy_se']:.3f} "
@@ -236,6 +249,9 @@ def main() -> None:
     parser.add_argument("--name", help="ablate: the run's name (default: the --set items)")
     parser.add_argument("--models", help="ablate: the run folder to use (default: the name); another run's, for a "
                         "change that only re-predicts (tta.*)")
+    parser.add_argument("--against", type=Path, help="plain, ablate: the reference for a paired test (McNemar) on the "
+                        "same test cells: a bench run's folder (data/bench/ablate/base) or a run's "
+                        "submissions/latest/<model>.csv")
     parser.add_argument("--runs", nargs="+", help="errors: the ablation runs to count (default: all)")
     parser.add_argument("--note", default="", help="table: the configuration the rows share (CSV header lines)")
     parser.add_argument("--csv", type=Path, default=Path("notebooks/ablations.csv"), help="table: the CSV to write")
@@ -252,7 +268,7 @@ def main() -> None:
     if args.what == "ablate":
         name = args.name or ("_".join(args.set) or "base").replace("/", "-")
         bench_ablate(args.prepared, args.folds, args.out / "ablate" / (args.models or name),
-                     with_overrides(params, args.set), name, args.set)
+                     with_overrides(params, args.set), name, args.set, args.against)
         return
     backbone = args.backbone or params["train"]["backbones"][0]
     t = for_backbone(params, backbone)["train"]
@@ -261,8 +277,11 @@ def main() -> None:
     if args.what == "plain":
         cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
                            **({"epochs": args.epochs} if args.epochs else {}))
-        bench_plain(args.prepared, args.out, backbone=backbone, cfg=cfg,
-                    aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"])
+        row = bench_plain(args.prepared, args.out, backbone=backbone, cfg=cfg,
+                          aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"])
+        row = against(row, args.out, args.against, args.prepared)
+        with open(args.out / "plain.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         return
     cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])
     bench_train(args.prepared, args.raw, backbone=backbone, cfg=cfg,

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from pipeline import onnx_io
-from pipeline.common import PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole
+from pipeline.common import (PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole,
+                             written_whole)
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict
 from pipeline.images import normalize
@@ -50,10 +51,11 @@ def to_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
     import onnx
 
     example = torch.zeros(2, 3, size, size)  # a dynamic batch needs an example of at least 2
-    torch.onnx.export(_Probability(model).eval(), (example,), str(path), dynamo=True, external_data=False,
-                      input_names=["image"], output_names=["prob"], verbose=False,
-                      dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-    onnx.checker.check_model(str(path))
+    with written_whole(path) as tmp:  # a killed export never leaves a half-written model beside an old manifest
+        torch.onnx.export(_Probability(model).eval(), (example,), str(tmp), dynamo=True, external_data=False,
+                          input_names=["image"], output_names=["prob"], verbose=False,
+                          dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+        onnx.checker.check_model(str(tmp))
 
 
 def to_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:
@@ -73,8 +75,9 @@ def to_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
-        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        with written_whole(path) as out:
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
 
 
 def ms_per_image(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int) -> float:

@@ -27,3 +27,19 @@ def best_threshold(y, p) -> float:
     neg, pos = np.sort(p[y == 0]), np.sort(p[y == 1])
     correct = np.searchsorted(neg, cand, "left") + len(pos) - np.searchsorted(pos, cand, "left")
     return float(cand[int(np.argmax(correct))])
+
+
+def accuracy_se(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy measured on n cells."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5 if n else float("nan")
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """Exact McNemar test of two models on the same cells: the discordant counts (cells only A got right, only B
+    got right) and the two-sided binomial p of so lopsided a split if both were equally good."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p": float(p)}

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main, write_text_whole
+from pipeline.common import PipelineError, run_main, write_text_whole, written_whole
 from pipeline.model_card import model_card
 from pipeline.params import load_params
 
@@ -119,7 +119,8 @@ def execute(notebook: Path, executed: Path, html: Path, parameters: dict, timeou
                             f"{executed}.") from None
     if (where := first_error(nb)) != "no cell has an error output":
         raise PipelineError(f"{notebook}: {where}.")
-    nbformat.write(nb, executed)
+    with written_whole(executed) as tmp:
+        nbformat.write(nb, tmp)
     body = to_html(nb)
     write_text(html, body)
     n_images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
@@ -163,7 +164,8 @@ def write_pdf(html: str, pdf: Path) -> int:
         doc = weasyprint.HTML(string=html, url_fetcher=weasyprint.URLFetcher(allowed_protocols={"data", "file"}))
         document = doc.render()
         pdf.parent.mkdir(parents=True, exist_ok=True)
-        document.write_pdf(pdf)
+        with written_whole(pdf) as tmp:
+            document.write_pdf(tmp)
     except Exception as e:  # a third-party renderer: any failure is reported with the file it was writing
         pdf.unlink(missing_ok=True)
         raise PipelineError(f"WeasyPrint failed to render {pdf} from the report's HTML ({type(e).__name__}: {e}). "

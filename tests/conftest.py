@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import dvc, project_copy, run_outputs, tiny_params  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PREPARED_SIZE = 32  # img_size for the shared prepared samples: small keeps the session fast
 
@@ -122,3 +124,18 @@ def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathF
                     epoch=2, metric={})
     export(nndl_prepared.out, student, work / "export", views=["identity", "hflip", "crop_center"], crop_scale=0.875)
     return Exported(nndl_prepared, student, work / "export", json.loads((work / "export/scores.json").read_text()))
+
+
+@dataclass
+class TinyChain:
+    """One uninterrupted `dvc repro` of helpers.tiny_params: the project (test_e2e goes on to change it) and the
+    digests of its outputs, taken right after the run."""
+    project: Path
+    outputs: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
+    project = project_copy(tmp_path_factory.mktemp("tiny"), **tiny_params(shared_data))
+    dvc(project, "repro")
+    return TinyChain(project, run_outputs(project))

@@ -26,6 +26,7 @@ from pipeline.folds import make_folds
 from pipeline.metrics import binary_metrics
 from pipeline.models import load_checkpoint
 from pipeline.params import with_overrides
+from helpers import dvc, project_copy
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -247,8 +248,6 @@ def test_a_rank_that_raises_fails_the_stage_with_its_error(tmp_path, monkeypatch
 def test_dvc_repro_trains_teachers_and_student_under_ddp(tmp_path, shared_data):
     """`dvc repro` with train.gpus 2 on the CPU: the train and distill stages launch torchrun themselves; no new
     command in dvc.yaml."""
-    from test_e2e import dvc, project_copy
-
     project = project_copy(tmp_path, **{
         "data.source": "local", "data.path": str(shared_data / "nndl-hw2-sample.zip"), "data.img_size": 32,
         "folds.n": 2, "train.backbones": ["resnet10t"], "train.epochs": 1, "train.batch_size": 64,

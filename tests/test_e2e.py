@@ -1,49 +1,12 @@
 """End-to-end: `dvc repro` of a tiny configuration in a temporary copy of the project."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from test_params import with_value
+from helpers import dvc, project_copy, set_params, sha256
 from test_report import check_executed_report
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def project_copy(tmp: Path, **overrides) -> Path:
-    """Copy the tracked project files to tmp, apply dotted-key param overrides, and commit (dvclive needs a commit)."""
-    dst = tmp / "project"
-    dst.mkdir()
-    for name in ("pipeline", "notebooks", "submissions", "data/demo.zip", "data/.gitignore", ".dvc", "dvc.yaml",
-                 "params.yaml", ".dvcignore", ".gitignore"):
-        src = ROOT / name
-        (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        elif src.exists():
-            shutil.copy(src, dst / name)
-    set_params(dst, **overrides)
-    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "tiny"]):
-        subprocess.run(git + cmd, cwd=dst, check=True, capture_output=True)
-    return dst
-
-
-def dvc(project: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=project, env=env, capture_output=True,
-                       text=True, timeout=1800)
-    assert (r.returncode == 0) == ok, f"dvc {' '.join(args)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return r
 
 
 def test_synthetic_default_data_stages(tmp_path):
@@ -59,14 +22,9 @@ def test_synthetic_default_data_stages(tmp_path):
     assert "didn't change" in dvc(project, "repro", "folds").stdout
 
 
-def test_tiny_full_chain_on_real_sample(tmp_path, shared_data):
+def test_tiny_full_chain_on_real_sample(tiny_chain, shared_data):
     """The whole chain on the real competition sample, tiny: every submission valid for the 600 hidden images."""
-    project = project_copy(tmp_path, **{
-        "data.source": "local", "data.path": str(shared_data / "nndl-hw2-sample.zip"), "data.img_size": 32,
-        "folds.n": 2, "train.backbones": ["resnet10t", "efficientnet_b0"],
-        "train.epochs": 1, "train.batch_size": 128, "train.num_workers": 0, "distill.epochs": 1,
-        "distill.timing_images": 32, "tta.views": ["identity", "hflip"]})
-    dvc(project, "repro")
+    project = tiny_chain.project
     sample = pd.read_csv(project / "data/prepared/sample_submission.csv")
     assert len(sample) == 600
     board = pd.read_csv(project / "submissions/latest/leaderboard.csv")
@@ -132,14 +90,3 @@ def test_bad_params_stop_dvc_repro_before_any_work(tmp_path):
     r = dvc(project, "repro", ok=False)
     assert "train.lr: 'fast' is not allowed" in r.stdout + r.stderr
     assert not (project / "data/raw").exists() and not (project / "data/models").exists()
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def set_params(project: Path, **overrides) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for key, value in overrides.items():
-        params = with_value(key, value, params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

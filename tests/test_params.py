@@ -13,20 +13,10 @@ import yaml
 from pipeline.common import PipelineError
 from pipeline.params import load_params, params_table, schema_keys
 from pipeline.validate import main as validate_main
+from helpers import with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def with_value(key: str, value, params: dict | None = None) -> dict:
-    """A deep copy of `params` (default: params.yaml) with the dotted `key` set to `value`."""
-    out = copy.deepcopy(PARAMS if params is None else params)
-    *parents, leaf = key.split(".")
-    node = out
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-    return out
 
 
 def run_validate(params: dict, tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:

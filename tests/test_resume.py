@@ -22,7 +22,7 @@ from pipeline.folds import make_folds
 from pipeline.models import create_model, save_checkpoint
 from pipeline.train import train_fold
 from pipeline.transforms import AugParams
-from test_params import with_value
+from helpers import with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
