@@ -171,13 +171,17 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     test_prob = np.mean([t["prob_tta"].to_numpy() for t in tests], 0)
     cv = binary_metrics(label[oof["img_name"]].to_numpy(int), oof["prob_tta"].to_numpy())
     test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)
+    predictions = out.parent / "predictions" / f"{name}.csv"  # this row's own: a TTA-only row shares the run folder
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"img_name": tests[0]["img_name"], "prob": test_prob}).to_csv(predictions, index=False,
+                                                                               float_format="%.6f")
     se = accuracy_se
     row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
            "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
            "test_accuracy": test["accuracy"],
            "test_accuracy_se": se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
            "minutes": minutes}
-    row = against(row, out, reference, prepared)
+    row = against(row, predictions, reference, prepared)
     with open(out.parent / "ablations.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"| {name} | {' '.join(sets) or '(base)'} | {cv['accuracy']:.3f} ± {row['cv_accuracy_se']:.3f} "
@@ -250,7 +254,7 @@ def main() -> None:
     parser.add_argument("--models", help="ablate: the run folder to use (default: the name); another run's, for a "
                         "change that only re-predicts (tta.*)")
     parser.add_argument("--against", type=Path, help="plain, ablate: the reference for a paired test (McNemar) on the "
-                        "same test cells: a bench run's folder (data/bench/ablate/base) or a run's "
+                        "same test cells: ablate: a row's name (base); either: a bench folder or predictions CSV, or a run's "
                         "submissions/latest/<model>.csv")
     parser.add_argument("--runs", nargs="+", help="errors: the ablation runs to count (default: all)")
     parser.add_argument("--note", default="", help="table: the configuration the rows share (CSV header lines)")
@@ -267,8 +271,11 @@ def main() -> None:
     params = load_params()
     if args.what == "ablate":
         name = args.name or ("_".join(args.set) or "base").replace("/", "-")
+        reference = args.against
+        if reference is not None and not reference.exists():  # a row's name: its saved predictions
+            reference = args.out / "ablate" / "predictions" / f"{reference}.csv"
         bench_ablate(args.prepared, args.folds, args.out / "ablate" / (args.models or name),
-                     with_overrides(params, args.set), name, args.set, args.against)
+                     with_overrides(params, args.set), name, args.set, reference)
         return
     backbone = args.backbone or params["train"]["backbones"][0]
     t = for_backbone(params, backbone)["train"]

@@ -30,8 +30,9 @@ def _read(path: Path) -> pd.DataFrame:
 def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Series, float, pd.Series]:
     """(probability by cell, threshold, label by cell) on the labelled test cells for one of:
     a run's submission file (<project>/submissions/latest/<model>.csv: that model's test predictions and its
-    leaderboard threshold); a folder with test.csv (bench plain, data/student); an ablation run (fold*/test.csv:
-    the folds' mean prob_tta). Labels come from the run's data/prepared, else `prepared`."""
+    leaderboard threshold); a predictions CSV (img_name, prob: bench ablate's rows); a folder with test.csv (bench
+    plain, data/student); an ablation run (fold*/test.csv: the folds' mean prob_tta). Labels come from the run's
+    data/prepared, else `prepared`."""
     spec = Path(spec)
     if spec.suffix == ".csv" and spec.parent.name == "latest":
         project, model = spec.parents[2], spec.stem
@@ -44,7 +45,9 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
         else:
             prob = _read(project / "data/ensemble/test.csv")[model]
         return prob, float(board.loc[spec.name, "threshold"]), read_index_labels(project / "data/prepared")
-    if (spec / "test.csv").is_file():
+    if spec.suffix == ".csv" and spec.is_file():  # a bench row's predictions: img_name, prob
+        prob = _read(spec)["prob"]
+    elif (spec / "test.csv").is_file():
         t = _read(spec / "test.csv")
         prob = t["prob_tta"] if "prob_tta" in t else t["prob"]
     elif folds := sorted(spec.glob("fold*/test.csv")):

@@ -1,6 +1,9 @@
 """`python -m pipeline.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors."""
 from __future__ import annotations
 
+import pandas as pd
+import pytest
+
 from pipeline.bench import bench_plain
 from pipeline.engine import TrainConfig
 from pipeline.transforms import AugParams
@@ -13,6 +16,8 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
     assert (r["train_images"], r["test_images"]) == (3000, 600)
     assert r["test_roc_auc"] > 0.85 and 0 < r["test_accuracy_se"] < 0.025  # two epochs learn; the SE of 600 cells
     assert "test accuracy" in capsys.readouterr().out
+    per_cell = pd.read_csv(tmp_path / "test.csv")  # for paired tests (pipeline.compare)
+    assert len(per_cell) == 600 and per_cell["prob"].between(0, 1).all()
 
 
 def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared, tmp_path, capsys):
@@ -36,7 +41,14 @@ def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared,
     assert 0 < first["cv_accuracy_se"] < 0.05 and 0 < first["test_accuracy"] <= 1 and first["minutes"] > 0
     kept = {f: f.stat().st_mtime_ns for f in (out / "base").glob("fold*/checkpoint.pt")}
     tta = bench_ablate(nndl_prepared.out, tmp_path / "folds.csv", out / "base",
-                       with_overrides(base, ["tta.views=[d4]"]), "tta_d4", ["tta.views=[d4]"])
+                       with_overrides(base, ["tta.views=[d4]"]), "tta_d4", ["tta.views=[d4]"],
+                       reference=out / "predictions" / "base.csv")
+    # Paired against the base row's own predictions, kept apart though both rows share the fold models.
+    base_cells = pd.read_csv(out / "predictions" / "base.csv")
+    assert len(base_cells) == 600
+    assert tta["reference_accuracy"] == first["test_accuracy"] and 0 <= tta["mcnemar_p"] <= 1
+    assert tta["test_accuracy"] - first["test_accuracy"] == pytest.approx(
+        (tta["only_this"] - tta["only_reference"]) / len(base_cells))
     # The fold models are reused (not rewritten); only the predictions are new.
     assert len(kept) == 2 and all(f.stat().st_mtime_ns == t for f, t in kept.items())
     assert tta["cv_accuracy"] != first["cv_accuracy"] or tta["cv_roc_auc"] != first["cv_roc_auc"]
