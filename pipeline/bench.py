@@ -106,8 +106,8 @@ def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, a
     return results
 
 
-def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, drop_rate: float
-                ) -> dict:
+def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, drop_rate: float,
+                pretrained: bool = False, weights_dir: Path | None = None) -> dict:
     """The bar every piece of machinery must clear: one network trained on all training cells with the pipeline's
     own loop (no folds, no TTA, the last epoch kept), scored on the labelled test set."""
     index, images = load_cache(prepared)
@@ -115,7 +115,7 @@ def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, a
     labels = index["label"].to_numpy(dtype=float)
     start = time.perf_counter()
     seed_everything(cfg.seed)
-    model = create_model(backbone, drop_rate=drop_rate)
+    model = create_model(backbone, drop_rate=drop_rate, pretrained=pretrained, weights_dir=weights_dir)
     norm = data_config(model)
     train_ds = CellDataset(images[tr], targets(labels[tr]), build_transform(True, aug, **norm), seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,8 @@ def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, a
     p = predict(model, test_ds, cfg, resolve_device(cfg.device))[:, 0]
     m = binary_metrics(labels[te].astype(int), p)
     se = accuracy_se(m["accuracy"], len(te))
-    result = {"backbone": backbone, "epochs": cfg.epochs, "train_images": len(tr), "test_images": len(te),
+    result = {"backbone": backbone, "pretrained": pretrained, "img_size": int(images.shape[1]), "epochs": cfg.epochs,
+              "seed": cfg.seed, "train_images": len(tr), "test_images": len(te),
               "test_accuracy": m["accuracy"], "test_accuracy_se": se, "test_roc_auc": m["roc_auc"],
               "minutes": (time.perf_counter() - start) / 60}
     # Per-cell, for paired tests against other runs (python -m pipeline.compare).
@@ -285,7 +286,8 @@ def main() -> None:
         cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
                            **({"epochs": args.epochs} if args.epochs else {}))
         row = bench_plain(args.prepared, args.out, backbone=backbone, cfg=cfg,
-                          aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"])
+                          aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"], pretrained=t["pretrained"],
+                          weights_dir=Path(t["weights_dir"]))
         row = against(row, args.out, args.against, args.prepared)
         with open(args.out / "plain.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
