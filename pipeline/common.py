@@ -122,8 +122,8 @@ def run_main(fn) -> None:
     """Run a stage's body: configure logging and turn PipelineError into one clear line and exit 1; with `--timing
     FILE`, log the stage's wall time and write it there."""
     setup_logging()
-    # Python's last garbage collections walk every object torch, timm and scikit-learn imported: 1.3-1.5 s of each
-    # torch stage's exit (0.24 s frozen), seconds of every `dvc repro`. Frozen at exit, after the stage's own work.
+    # Python's last garbage collections walk every object torch, timm and scikit-learn imported, a second or more at
+    # each torch stage's exit (docs/results.md, "Demo speed-ups"). Frozen at exit, after the stage's own work.
     atexit.register(gc.freeze)
     timing, start = _pop_timing_option(), time.perf_counter()
     try:

@@ -12,8 +12,8 @@ from pipeline.common import PipelineError
 
 log = logging.getLogger(__name__)
 
-# Backbone families whose training step measured faster under CPU bf16 autocast on a CPU with native bf16
-# (AVX512-BF16, Zen 4, 2 threads, 64 px); EfficientNet's depthwise convolutions measured slower (0.6x).
+# Backbone families whose training step is faster under CPU bf16 autocast on a CPU with native bf16; EfficientNet's
+# depthwise convolutions are slower in it (docs/results.md, "bf16 against fp32").
 CPU_BF16_FASTER = ("resnet", "densenet")
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) that keep its native bf16 kernels.
 BF16_ISAS = ("BF16", "AMX", "AVX10", "AVX512_CORE_FP16")

@@ -4,16 +4,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import nbformat
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+REQUIRED_FIGURES = 12  # the report notebook's figures
 DVC_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -99,3 +105,64 @@ def run_outputs(project: Path) -> dict[str, str]:
         text = json.dumps(untimed(json.loads(p.read_text())), sort_keys=True)
         out[str(p.relative_to(project))] = hashlib.sha256(text.encode()).hexdigest()
     return out
+
+
+def check_executed_report(project: Path) -> None:
+    """After `dvc repro` in `project`: the executed report has no errors, its figures, and the leaderboard's scores."""
+    executed, html = project / "notebooks" / "report.executed.ipynb", project / "notebooks" / "report.html"
+    assert executed.is_file(), f"{executed} was not written"
+    nb = nbformat.read(executed, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+    assert not errors, f"error outputs in {executed}: {errors}"
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), "no injected parameters"
+    images = sum(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+                 for o in outputs)
+    assert images >= REQUIRED_FIGURES, f"{executed} has {images} figures, expected at least {REQUIRED_FIGURES}"
+
+    scores = [c for c in nb.cells if "scores" in c.metadata.get("tags", [])]
+    assert len(scores) == 1, "expected one cell tagged `scores`"
+    table = "".join(o.get("data", {}).get("text/html", "") for o in scores[0].outputs)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+    board = pd.read_csv(project / "submissions" / "latest" / "leaderboard.csv")
+    assert len(rows) == len(board), f"the scores table has {len(rows)} rows, the leaderboard {len(board)}"
+    for row, (_, r) in zip(rows, board.iterrows()):  # same order: best first
+        assert f"<td>{r['file']}</td>" in row, f"scores table row {row!r} is not {r['file']}"
+        assert f"<td>{r['test_accuracy']:.4f}</td>" in row, f"{r['file']}: test accuracy differs from the leaderboard"
+        assert f"<td>{r['test_roc_auc']:.4f}</td>" in row, f"{r['file']}: test AUC differs from the leaderboard"
+
+    assert html.is_file(), f"{html} was not written"
+    text = html.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64") >= REQUIRED_FIGURES, "figures are not embedded in the HTML"
+    assert board["file"].iat[0] in text
+
+    import pypdf
+
+    best = f"{board['test_accuracy'].iat[0]:.4f}"
+    no_input = (project / "notebooks" / "report.no-input.html").read_text(encoding="utf-8")
+    assert no_input.count("data:image/png;base64") >= REQUIRED_FIGURES and best in no_input
+    assert 'jp-InputArea-editor"' not in no_input and "def grad_cam(" not in no_input, "code in report.no-input.html"
+    pdf = pypdf.PdfReader(project / "notebooks" / "report.pdf")
+    assert len(pdf.pages) > 5, f"report.pdf has {len(pdf.pages)} pages"
+    assert best in "".join(page.extract_text() for page in pdf.pages), f"report.pdf lacks the best score {best}"
+    card = (project / "notebooks" / "model_card.md").read_text(encoding="utf-8")
+    student = yaml.safe_load((project / "params.yaml").read_text())["distill"]["student"]
+    assert f"`{student}`" in card and best in card, "the model card does not name the student and the best score"
+
+
+@contextmanager
+def pipeline_log():
+    """The pipeline's log records (INFO and up) while inside: pytest's caplog is per test, a module fixture needs its
+    own."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -1,7 +1,6 @@
 """DDP (torchrun, gloo on the CPU): sharding, the stage re-launching itself, resume under DDP, a failing rank."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from pipeline.folds import make_folds
 from pipeline.metrics import binary_metrics
 from pipeline.models import load_checkpoint
 from pipeline.params import with_overrides
-from helpers import dvc, project_copy
+from helpers import dvc, project_copy, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -139,10 +138,6 @@ def oof_scores(out: Path, index: pd.DataFrame, folds: pd.DataFrame) -> dict:
     return binary_metrics(y, oof["prob"].to_numpy())
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def one_and_two(small_project, nndl_prepared, tmp_path_factory) -> dict[str, tuple[Path, str, float]]:
     """The small project trained to the end by 1 process and by 2, with the same params (train.batch_size 32, the
@@ -186,11 +181,11 @@ def test_a_finished_model_is_reused_at_any_process_count(one_and_two, small_proj
     for name, gpus in (("two", 1), ("one", 2)):
         models = tmp_path / name / "models"
         shutil.copytree(one_and_two[name][0], models)
-        kept = {d.name: sha(d / "checkpoint.pt") for d in models.glob("fold*")}
+        kept = {d.name: sha256(d / "checkpoint.pt") for d in models.glob("fold*")}
         r = run_train(small_project, nndl_prepared.out, models, gpus=gpus)
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stderr.count("; not retraining") == 2 and "Setting aside" not in r.stderr, r.stderr[-3000:]
-        assert {d.name: sha(d / "checkpoint.pt") for d in models.glob("fold*")} == kept
+        assert {d.name: sha256(d / "checkpoint.pt") for d in models.glob("fold*")} == kept
         assert ("Launching 2 processes (DDP)" in r.stderr) == (gpus == 2)
 
 

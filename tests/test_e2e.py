@@ -5,8 +5,7 @@ import json
 
 import pandas as pd
 
-from helpers import dvc, project_copy, set_params, sha256
-from test_report import check_executed_report
+from helpers import check_executed_report, dvc, project_copy, sha256
 
 
 def test_synthetic_default_data_stages(tmp_path):
@@ -54,32 +53,29 @@ def test_tiny_full_chain_on_real_sample(tiny_chain, shared_data):
     assert (again.stderr + again.stdout).count("not retraining") == 2  # both folds
     assert (project / "data/models/resnet10t/fold0/live/plots/metrics/train_loss.tsv").is_file()
 
-    # Other data (only data.path changes): every model retrains on it; nothing is resumed from the old cells.
+    # Other data and a third fold in one `dvc exp run -S`, as a user sets keys: every model retrains on the new cells
+    # (nothing is resumed from the old ones), and folds.n alone gives a complete 3-fold CV.
     models = [project / f"data/models/{b}/fold{k}" for b in ("resnet10t", "efficientnet_b0") for k in (0, 1)]
     models.append(project / "data/student")
     before = {m: sha256(m / "checkpoint.pt") for m in models}
-    set_params(project, **{"data.path": str(shared_data / "cell_images-sample.zip")})
-    r = dvc(project, "repro", "submit")
+    r = dvc(project, "exp", "run", "-S", f"data.path={shared_data / 'cell_images-sample.zip'}", "-S", "folds.n=3")
     log = r.stdout + r.stderr
-    assert log.count("Setting aside") == len(models), log[-4000:]
+    assert log.count("Setting aside") == len(models), log[-4000:]  # fold2 is new: nothing to set aside
     assert "images.npy content changed" in log and "Resuming" not in log and "not retraining" not in log
     assert all(sha256(m / "checkpoint.pt") != h for m, h in before.items())
     folds = pd.read_csv(project / "data/folds.csv")
     assert len(folds) < 1000 and folds["img_name"].str.startswith("C").all()  # the public sample's cells
-    for m in models[:-1]:
-        oof = pd.read_csv(m / "oof.csv")
-        val = folds[folds["fold"] == int(m.name[4:])].set_index("img_name")["label"]
-        assert sorted(oof["img_name"]) == sorted(val.index)
-        acc = ((oof["prob"] >= 0.5).astype(int).to_numpy() == val[oof["img_name"]].to_numpy()).mean()
-        kept = json.loads((m / "live/metrics.json").read_text())["val_accuracy"]
-        assert abs(acc - kept) <= 1 / len(oof) + 1e-9, (m, acc, kept)  # the OOF comes from the new data's model
-
-    # folds.n alone (as `dvc exp run -S` sets it) gives a complete 3-fold CV; no other key needs editing.
-    dvc(project, "exp", "run", "-S", "folds.n=3")
-    folds = pd.read_csv(project / "data/folds.csv")
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
     for b in ("resnet10t", "efficientnet_b0"):
         assert sorted(d.name for d in (project / "data/models" / b).glob("fold*")) == ["fold0", "fold1", "fold2"]
+        for k in range(3):
+            m = project / f"data/models/{b}/fold{k}"
+            oof = pd.read_csv(m / "oof.csv")
+            val = folds[folds["fold"] == k].set_index("img_name")["label"]
+            assert sorted(oof["img_name"]) == sorted(val.index)
+            acc = ((oof["prob"] >= 0.5).astype(int).to_numpy() == val[oof["img_name"]].to_numpy()).mean()
+            kept = json.loads((m / "live/metrics.json").read_text())["val_accuracy"]
+            assert abs(acc - kept) <= 1 / len(oof) + 1e-9, (m, acc, kept)  # the OOF comes from the new data's model
     oof = pd.read_csv(project / "data/ensemble/oof.csv")
     assert sorted(oof["img_name"]) == sorted(folds["img_name"]) and oof["ensemble"].notna().all()
     check_executed_report(project)

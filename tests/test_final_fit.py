@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import pipeline_log
 from pipeline.common import PipelineError, labelled_test_seen
 from pipeline.distill import unlabelled_rows
 from pipeline.ensemble import ensemble
@@ -29,18 +30,9 @@ class Final:
 @pytest.fixture(scope="module")
 def final(nndl_prepared, tmp_path_factory) -> Final:
     out = tmp_path_factory.mktemp("final") / "prepared"
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger, level = logging.getLogger("pipeline"), logging.getLogger("pipeline").level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # pytest's caplog is per test; this fixture is per module
-    try:
+    with pipeline_log() as records:
         df = prepare(nndl_prepared.raw, out, img_size=nndl_prepared.img_size, holdout_fraction=0.15, seed=42,
                      train_on_test=True)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     return Final(out, df, records)
 
 

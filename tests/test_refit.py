@@ -1,7 +1,6 @@
 """train.refit: after the folds, one model per backbone on every training cell, used for test/hidden by the ensemble."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import pipeline_log, sha256
 from pipeline import train as train_mod
 from pipeline.common import PipelineError
 from pipeline.ensemble import ensemble
@@ -23,10 +23,6 @@ from pipeline.train import refit_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "resnet10t"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +72,9 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(mini) -> Trained:
     """The train stage run once with refit on; tests that train again get a copy (`project`)."""
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger, level = logging.getLogger("pipeline"), logging.getLogger("pipeline").level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # pytest's caplog is per test; this fixture is per module
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            run_train(mini, mp)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return Trained(mini, "\n".join(records))
+    with pipeline_log() as records, pytest.MonkeyPatch.context() as mp:
+        run_train(mini, mp)
+    return Trained(mini, "\n".join(r.getMessage() for r in records))
 
 
 @pytest.fixture
@@ -144,7 +130,7 @@ def test_refit_is_reused_and_retrains_when_its_epochs_change(project, trained, m
     with caplog.at_level(logging.INFO):
         run_train(project, monkeypatch)
     assert caplog.text.count("not retraining") == 3 and "Setting aside" not in caplog.text  # two folds and full
-    assert sha(full / "checkpoint.pt") == sha(trained.root / "models" / BACKBONE / "full/checkpoint.pt")
+    assert sha256(full / "checkpoint.pt") == sha256(trained.root / "models" / BACKBONE / "full/checkpoint.pt")
     n = torch.load(full / "checkpoint.pt", weights_only=False)["epoch"]
     monkeypatch.setattr(train_mod, "refit_epochs", lambda *a: n + 1)
     caplog.clear()

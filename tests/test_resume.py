@@ -1,7 +1,6 @@
 """Resume only what may be resumed: a last.pt/checkpoint.pt is reused only when every input that shaped it is unchanged."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,15 +21,11 @@ from pipeline.folds import make_folds
 from pipeline.models import create_model, save_checkpoint
 from pipeline.train import train_fold
 from pipeline.transforms import AugParams
-from helpers import with_value
+from helpers import sha256, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 CFG = TrainConfig(epochs=2, batch_size=32, num_workers=0, device="cpu", seed=5, patience=5)
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("key,value", [
@@ -105,8 +100,8 @@ def rerun(small, trained, tmp_path, caplog, **kwargs) -> tuple[str, Path]:
 def test_unchanged_inputs_reuse_the_finished_model_and_tta_only_repredicts(small, trained, tmp_path, caplog):
     log, out = rerun(small, trained, tmp_path, caplog, views=("identity", "hflip"))
     assert "not retraining" in log and "Setting aside" not in log
-    assert sha(out / "checkpoint.pt") == sha(trained / "checkpoint.pt")
-    assert sha(out / "last.pt") == sha(trained / "last.pt")
+    assert sha256(out / "checkpoint.pt") == sha256(trained / "checkpoint.pt")
+    assert sha256(out / "last.pt") == sha256(trained / "last.pt")
     before, after = (pd.read_csv(d / "oof.csv") for d in (trained, out))
     np.testing.assert_allclose(before["prob"], after["prob"], atol=1e-6)  # same model, same plain predictions
     assert not np.allclose(before["prob_tta"], after["prob_tta"])  # the new TTA views were applied
@@ -150,7 +145,7 @@ def test_a_changed_input_sets_last_pt_aside_and_trains_fresh(what, small, traine
     log, out = rerun(root, trained, tmp_path, caplog, **kwargs)
     assert "Setting aside" in log and expect in log.split("Setting aside", 1)[1].splitlines()[0], log
     assert "Resuming" not in log and "not retraining" not in log
-    assert sha(out / "checkpoint.pt") != sha(trained / "checkpoint.pt")
+    assert sha256(out / "checkpoint.pt") != sha256(trained / "checkpoint.pt")
     assert len(pd.read_csv(out / "live/plots/metrics/train_loss.tsv", sep="\t")) == CFG.epochs
 
 
@@ -244,21 +239,21 @@ def test_the_student_is_keyed_on_what_its_targets_come_from_not_their_float_valu
         return caplog.text
 
     again()
-    first = sha(out / "checkpoint.pt")
+    first = sha256(out / "checkpoint.pt")
     # The teachers re-predicted with ~1e-3 of noise, their checkpoints rewritten with other timings: the same targets.
     for k, f in teachers.items():
         fake_teacher(models, k, f, images_per_s=123.4)
     log = again(noise=1e-3)
-    assert "not retraining" in log and "Setting aside" not in log and sha(out / "checkpoint.pt") == first
+    assert "not retraining" in log and "Setting aside" not in log and sha256(out / "checkpoint.pt") == first
     # Another blend and threshold chosen: retrained, saying so.
     log = again(method="weighted", threshold=0.42)
     reason = log.split("Setting aside", 1)[1].splitlines()[0] if "Setting aside" in log else log
     assert "ensemble.blend: 'mean' -> 'weighted'" in reason and "ensemble.threshold: 0.5 -> 0.42" in reason, reason
-    second = sha(out / "checkpoint.pt")
+    second = sha256(out / "checkpoint.pt")
     assert second != first
     # A teacher trained on other inputs (its fingerprint changed): retrained, naming it.
     fake_teacher(models, 1, fp.make({"model.fold": 1}, {"images.npy": "def"}))
     log = again(method="weighted", threshold=0.42)
     reason = log.split("Setting aside", 1)[1].splitlines()[0] if "Setting aside" in log else log
     assert "teacher.resnet10t/fold1.fingerprint" in reason and "fold0" not in reason, reason
-    assert sha(out / "checkpoint.pt") != second
+    assert sha256(out / "checkpoint.pt") != second
