@@ -275,6 +275,10 @@ def main() -> None:
         reference = args.against
         if reference is not None and not reference.exists():  # a row's name: its saved predictions
             reference = args.out / "ablate" / "predictions" / f"{reference}.csv"
+            if not reference.is_file():  # said before any training, not after it
+                raise PipelineError(f"--against {args.against}: no such file, and no row of that name "
+                                    f"({reference} is missing): run `python -m pipeline.bench ablate --name "
+                                    f"{args.against}` first.")
         bench_ablate(args.prepared, args.folds, args.out / "ablate" / (args.models or name),
                      with_overrides(params, args.set), name, args.set, reference)
         return
@@ -282,6 +286,8 @@ def main() -> None:
     t = for_backbone(params, backbone)["train"]
     workers = t["num_workers"] if args.num_workers is None else (
         args.num_workers if args.num_workers == "auto" else int(args.num_workers))
+    if args.what == "plain" and args.against is not None and args.against.resolve() == args.out.resolve():
+        raise PipelineError(f"--against {args.against} is this run's own --out folder: name another run.")
     if args.what == "plain":
         cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
                            **({"epochs": args.epochs} if args.epochs else {}))

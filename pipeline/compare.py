@@ -42,11 +42,19 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
                                 f"{', '.join(board.index)}.")
         if model.startswith("student"):
             prob = _read(project / "data/student/test.csv")["prob_tta" if model.endswith("_tta") else "prob"]
+            threshold = 0.5
         else:
             prob = _read(project / "data/ensemble/test.csv")[model]
-        return prob, float(board.loc[spec.name, "threshold"]), read_index_labels(project / "data/prepared")
+            # The ensemble's own threshold at full precision (the leaderboard rounds it to 4 places), as submit uses.
+            metrics = json.loads((project / "data/ensemble/scores.json").read_text())["metrics"]
+            threshold = float(metrics[model]["threshold"])
+        return prob, threshold, read_index_labels(project / "data/prepared")
     if spec.suffix == ".csv" and spec.is_file():  # a bench row's predictions: img_name, prob
-        prob = _read(spec)["prob"]
+        t = _read(spec)
+        if "prob" not in t:
+            raise PipelineError(f"{spec} has columns {', '.join(t.columns)}, not img_name and prob: name a run's "
+                                "submissions/latest/<model>.csv or a bench row's predictions/<name>.csv.")
+        prob = t["prob"]
     elif (spec / "test.csv").is_file():
         t = _read(spec / "test.csv")
         prob = t["prob_tta"] if "prob_tta" in t else t["prob"]

@@ -132,8 +132,8 @@ EVAL_BATCH_CPU = 128  # the smallest prediction batch on a CPU
 
 def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, persistent: bool = False) -> DataLoader:
     """In-order batches, for prediction (and validation: `persistent` keeps its workers across epochs)."""
-    # Without gradients a CPU predicts faster in bigger batches (docs/results.md, "Demo speed-ups"); a GPU keeps its
-    # process's training batch, known to fit its memory.
+    # Without gradients a CPU predicts faster in bigger batches (48 px, 2 cores, 128 against 32: DenseNet-121 1.16x,
+    # EfficientNet-B0 1.37x, ResNet10-T 1.16x); a GPU keeps its process's training batch, known to fit its memory.
     batch = ddp.local_batch(cfg.batch_size) if device.type == "cuda" else max(cfg.batch_size, EVAL_BATCH_CPU)
     n = workers(cfg, device)
     return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=n, pin_memory=device.type == "cuda",

@@ -166,6 +166,8 @@ def write_pdf(html: str, pdf: Path) -> int:
         pdf.parent.mkdir(parents=True, exist_ok=True)
         with written_whole(pdf) as tmp:
             document.write_pdf(tmp)
+    except PipelineError:  # a full disk: written_whole's message, and the last complete PDF kept
+        raise
     except Exception as e:  # a third-party renderer: any failure is reported with the file it was writing
         pdf.unlink(missing_ok=True)
         raise PipelineError(f"WeasyPrint failed to render {pdf} from the report's HTML ({type(e).__name__}: {e}). "

@@ -35,9 +35,10 @@ def fake_run(root: Path, labels: np.ndarray, student: np.ndarray, ensemble: np.n
                      ("ensemble", {"label": labels, "ensemble": ensemble})):
         (root / "data" / d).mkdir(parents=True)
         pd.DataFrame({"img_name": names, **frame}).to_csv(root / "data" / d / "test.csv", index=False)
+    (root / "data/ensemble/scores.json").write_text(json.dumps({"metrics": {"ensemble": {"threshold": threshold}}}))
     latest = root / "submissions/latest"
     latest.mkdir(parents=True)
-    pd.DataFrame({"file": ["student_tta.csv", "ensemble.csv"], "threshold": [0.5, threshold]}).to_csv(
+    pd.DataFrame({"file": ["student_tta.csv", "ensemble.csv"], "threshold": [0.5, round(threshold, 4)]}).to_csv(
         latest / "leaderboard.csv", index=False)
     for f in ("student_tta.csv", "ensemble.csv"):
         pd.DataFrame({"img_name": ["h0.png", "h1.png"], "label": [0, 1]}).to_csv(latest / f, index=False)
@@ -59,10 +60,11 @@ def test_two_runs_submissions_compared_on_their_test_cells(tmp_path):
     assert "McNemar p = 0.000488" in compare.summary(r)
 
 
-def test_the_leaderboard_threshold_is_used_and_a_bench_folder_needs_its_labels(tmp_path):
+def test_the_ensembles_own_threshold_is_used_and_a_bench_folder_needs_its_labels(tmp_path):
     y = np.array([1, 0] * 10)
     p = np.where(y == 1, 0.6, 0.3)
-    run = fake_run(tmp_path / "run", y, student=p, ensemble=p, threshold=0.7)  # at 0.7 every positive is missed
+    # 0.60004 rounds to the leaderboard's 0.6000, which would call every positive right: the run itself misses them.
+    run = fake_run(tmp_path / "run", y, student=p, ensemble=p, threshold=0.60004)
     bench = tmp_path / "plain"
     bench.mkdir()
     pd.DataFrame({"img_name": [f"cell_{i}.png" for i in range(20)], "prob": p}).to_csv(bench / "test.csv", index=False)
@@ -81,6 +83,8 @@ def test_runs_on_different_cells_or_an_unknown_file_are_refused(tmp_path):
         compare.paired(a / "resnet18.csv", a / "ensemble.csv")
     with pytest.raises(PipelineError, match="neither a submission file"):
         compare.paired(tmp_path, a / "ensemble.csv")
+    with pytest.raises(PipelineError, match="not img_name and prob"):
+        compare.paired(tmp_path / "a/data/ensemble/test.csv", a / "ensemble.csv", prepared=tmp_path / "a/data/prepared")
 
 
 def test_the_command_prints_and_writes_json(tmp_path, monkeypatch, capsys):

