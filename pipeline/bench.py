@@ -176,11 +176,10 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     predictions.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"img_name": tests[0]["img_name"], "prob": test_prob}).to_csv(predictions, index=False,
                                                                                float_format="%.6f")
-    se = accuracy_se
     row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
-           "cv_accuracy_se": se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
+           "cv_accuracy_se": accuracy_se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
            "test_accuracy": test["accuracy"],
-           "test_accuracy_se": se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
+           "test_accuracy_se": accuracy_se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
            "minutes": minutes}
     row = against(row, predictions, reference, prepared)
     with open(out.parent / "ablations.jsonl", "a") as f:
