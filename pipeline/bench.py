@@ -1,4 +1,5 @@
-"""Benchmarks (not stages): `train` compares training images/s per precision and input path; `plain` times the
+"""Benchmarks (not stages): `train` compares training images/s per precision and input path; `compile` times the
+training step eager and through torch.compile; `plain` times the
 simplest competitor, one network on all training cells; `ablate` measures one switch (CV, test, minutes); `errors`
 counts, per cell, how many ablation runs got it wrong (the cells every run misses bound what any of them can score)."""
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch.utils.data import Dataset
 from pipeline.common import PipelineError, run_main, seed_everything
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline import precision as amp_precision
-from pipeline.engine import TrainConfig, fit, predict, resolve_device, setup_device, train_loader, workers
+from pipeline.engine import (TrainConfig, compiled, fit, predict, resolve_device, setup_device, train_loader,
+                             workers)
 from pipeline.losses import LabelLoss
 from pipeline.compare import labels_by_name, paired, summary
 from pipeline.metrics import accuracy_se, binary_metrics
@@ -104,6 +106,33 @@ def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, a
     results["naive_png_fp32"] = images_per_s(model, train_loader(png, cfg, device), device, n_batches)
     print(f"  naive (decode PNG every epoch), fp32: {results['naive_png_fp32']:8.1f} images/s")
     return results
+
+
+def bench_compile(backbone: str, size: int, *, batch_size: int, device: str, precision: str, n_batches: int) -> dict:
+    """Training images/s of the bare step (random tensors) eager and through `engine.compiled` (train.compile: true),
+    and the seconds of the compiled model's first step, compiling included."""
+    dev = resolve_device(device)
+    setup_device(dev)
+    batch = lambda: (torch.randn(batch_size, 3, size, size), torch.zeros(batch_size, 2))
+    row = {"backbone": backbone, "img_size": size, "batch_size": batch_size, "precision": precision,
+           "device": str(dev), "threads": torch.get_num_threads()}
+    torch.manual_seed(0)
+    net = create_model(backbone).to(dev).to(memory_format=torch.channels_last)
+    fast = compiled(net, True, dev)  # lazy: nothing compiles before its first step
+    if fast is net:
+        raise PipelineError("bench compile: torch.compile is not available here (see the warning above).")
+    torch.manual_seed(0)
+    eager = create_model(backbone).to(dev).to(memory_format=torch.channels_last)
+    row["eager_img_s"] = images_per_s(eager, iter(batch, None), dev, n_batches, precision=precision)
+    start = time.perf_counter()
+    images_per_s(fast, iter(batch, None), dev, 1, warmup=0, precision=precision)
+    row["first_step_s"] = time.perf_counter() - start
+    row["compiled_img_s"] = images_per_s(fast, iter(batch, None), dev, n_batches, precision=precision)
+    row["ratio"] = row["compiled_img_s"] / row["eager_img_s"]
+    log.info("%s at %d px, %s, batch %d: eager %.0f img/s, compiled %.0f img/s (%.2fx), first compiled step %.1f s",
+             backbone, size, precision, batch_size, row["eager_img_s"], row["compiled_img_s"], row["ratio"],
+             row["first_step_s"])
+    return row
 
 
 def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, drop_rate: float,
@@ -236,12 +265,13 @@ def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["train", "plain", "ablate", "table", "errors"])
+    parser.add_argument("what", choices=["train", "compile", "plain", "ablate", "table", "errors"])
     parser.add_argument("--backbone", help="default: the first of train.backbones")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per path")
     parser.add_argument("--num-workers", help="default: train.num_workers (a number or auto)")
     parser.add_argument("--precision", action="append", choices=["fp32", "bf16", "fp16"],
                         help="train: time this precision (repeatable; default: fp32 and the device's native halves)")
+    parser.add_argument("--size", type=int, default=48, help="compile: the image side, px")
     parser.add_argument("--prepared", default="data/prepared", type=Path)
     parser.add_argument("--raw", default="data/raw", type=Path)
     parser.add_argument("--epochs", type=int, help="plain: default train.epochs")
@@ -295,6 +325,14 @@ def main() -> None:
                           weights_dir=Path(t["weights_dir"]))
         row = against(row, args.out, args.against, args.prepared)
         with open(args.out / "plain.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
+    if args.what == "compile":
+        precision = (args.precision or [amp_precision.choose(t["precision"], resolve_device(t["device"]), backbone)])[0]
+        row = bench_compile(backbone, args.size, batch_size=t["batch_size"], device=t["device"], precision=precision,
+                            n_batches=args.batches)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "compile.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         return
     cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])

@@ -91,9 +91,10 @@ def refit_report(models: Path, used: list[str], fold_average: pd.DataFrame, refi
 
 
 def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backbones: list[str],
-             refit: bool = False) -> dict:
+             refit: bool = False, tta: dict | None = None) -> dict:
     """Write the blended OOF/test/hidden tables and scores.json; with `refit`, test/hidden come from the refit models
-    where a backbone has one, and scores.json compares them with the fold average."""
+    where a backbone has one, and scores.json compares them with the fold average. `tta` (views, crop_scale: the
+    params the train stages' `_tta` columns were made with) is recorded for `predict --model ensemble --tta`."""
     folds = pd.read_csv(folds_csv, dtype={"img_name": str})
     index = pd.read_csv(index_csv, dtype={"img_name": str})
     tables = gather(models, backbones, folds, index)
@@ -105,6 +106,8 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
         log.warning("The labelled test images are also training images (data.train_on_test): every test score "
                     "below is on seen cells, not a held-out estimate")
     report = {"test_seen": seen, "blend": {}, "metrics": {}}
+    if tta is not None:
+        report["tta"] = {"views": list(tta["views"]), "crop_scale": tta["crop_scale"]}
     cv_thresholds = {}  # the ensemble's OOF is scored at the thresholds other folds chose, not in-sample
     for suffix in ("", "_tta"):
         cols = [b + suffix for b in backbones]
@@ -150,9 +153,10 @@ def main() -> None:
     parser.add_argument("--index", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    train = load_params()["train"]
+    params = load_params()
+    train = params["train"]
     ensemble(Path(args.models), Path(args.folds), Path(args.index), Path(args.out), backbones=train["backbones"],
-             refit=train["refit"])
+             refit=train["refit"], tta=params["tta"])
 
 
 if __name__ == "__main__":

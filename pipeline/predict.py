@@ -116,7 +116,6 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     from pipeline.dataset import CellDataset, targets
     from pipeline.engine import TrainConfig, predict, resolve_device
     from pipeline.models import load_checkpoint
-    from pipeline.params import load_params
     from pipeline.transforms import AugParams, build_transform
     from pipeline.tta import expand_views
 
@@ -126,8 +125,12 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     report = json.loads(scores.read_text())
     chosen = report["blend"]["ensemble_tta" if tta else "ensemble"]
     refit = set(report.get("refit", {}).get("backbones", []))  # train.refit: the submission used these models
-    tta_params = load_params()["tta"]
+    tta_params = report.get("tta")  # what the run's `_tta` columns used, not today's params.yaml
+    if tta and tta_params is None:
+        raise PipelineError(f"{scores} does not say which TTA views its run used (it was written before they were "
+                            "recorded): run `dvc repro ensemble`, or predict without --tta.")
     views = expand_views(tta_params["views"]) if tta else ["identity"]
+    crop_scale = tta_params["crop_scale"] if tta else 1.0
     cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
     device = resolve_device(cfg.device)
     columns, weights = [], []
@@ -143,7 +146,7 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
                 raise PipelineError(f"{ckpt} was trained at {ck['params']['img_size']} px, the others at "
                                     f"{images.shape[1]} px: re-run `dvc repro`.")
             ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, AugParams(), **ck["data_config"]))
-            per_fold.append(predict(model, ds, cfg, device, views, tta_params["crop_scale"], desc=str(ckpt)).mean(1))
+            per_fold.append(predict(model, ds, cfg, device, views, crop_scale, desc=str(ckpt)).mean(1))
         columns.append(np.mean(per_fold, 0))  # folds averaged per backbone, as the ensemble stage does
         weights.append(w)
     return blend(np.stack(columns, 1), np.asarray(weights)), chosen["threshold"]
@@ -165,7 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("paths", nargs="+", help="image files (PNG/JPEG), folders of them, or zips of them")
     parser.add_argument("--model", choices=["student", "student-int8", "ensemble"], default="student")
-    parser.add_argument("--tta", action="store_true", help="average the run's TTA views (tta.views)")
+    parser.add_argument("--tta", action="store_true", help="average the TTA views the run used (the ensemble: "
+                        "recorded in data/ensemble/scores.json; an ONNX model: its manifest)")
     parser.add_argument("-o", "--output", type=Path, help="CSV to write (img_name,prob,label); default: stdout")
     parser.add_argument("--skip-bad", action="store_true", help="skip files that are not images, with a warning")
     parser.add_argument("--export", type=Path, default=Path("data/export"), help="the export stage's folder")

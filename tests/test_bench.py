@@ -122,3 +122,13 @@ def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path)
     every, _ = run_errors(nndl_prepared.out, tmp_path)  # all three runs: r3 did not score cell a and got t right
     assert every.loc[("cv", a), ["runs_wrong", "runs"]].tolist() == [2, 2]
     assert every.loc[("test", t), ["runs_wrong", "runs"]].tolist() == [2, 3]
+
+
+def test_compile_bench_without_a_cxx_compiler_says_so_instead_of_timing_eager_twice(monkeypatch):
+    from pipeline import engine
+    from pipeline.bench import bench_compile
+    from pipeline.common import PipelineError
+
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    with pytest.raises(PipelineError, match="torch.compile is not available"):
+        bench_compile("resnet10t", 32, batch_size=4, device="cpu", precision="fp32", n_batches=1)

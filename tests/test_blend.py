@@ -2,6 +2,8 @@
 beats the simple choice on folds it was not fitted on."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -76,7 +78,9 @@ def test_the_ensemble_stage_scores_its_cv_at_the_held_out_cuts(tmp_path):
         pd.DataFrame({"img_name": test_names, "prob": test_p, "prob_tta": test_p}).to_csv(out / "test.csv")
         pd.DataFrame(columns=["img_name", "prob", "prob_tta"]).to_csv(out / "hidden.csv")
     report = ensemble(tmp_path / "models", tmp_path / "folds.csv", tmp_path / "index.csv", tmp_path / "out",
-                      backbones=["b"])
+                      backbones=["b"], tta={"views": ["identity", "hflip"], "crop_scale": 0.875})
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["tta"] == {  # for predict --model ensemble --tta
+        "views": ["identity", "hflip"], "crop_scale": 0.875}
     thr, _, scores = choose_threshold(p, y, fold)
     for name in ("ensemble", "ensemble_tta"):
         assert report["blend"][name]["threshold"] == pytest.approx(thr) and thr < 0.4

@@ -139,6 +139,32 @@ def test_ensemble_blends_the_fold_checkpoints(exported_student, shared_data, tmp
     assert (df["label"] == (df["prob"] >= 0.3)).all()
 
 
+def test_ensemble_tta_uses_the_views_its_run_recorded_not_todays_params(exported_student, shared_data, tmp_path):
+    """predict --model ensemble --tta averages the views in data/ensemble/scores.json (the run's), whatever
+    params.yaml says now (its default adds hflip); a scores.json without them is named, not guessed."""
+    models, ensemble = tmp_path / "models", tmp_path / "ensemble"
+    (models / "resnet10t" / "fold0").mkdir(parents=True)
+    shutil.copy(exported_student.student / "checkpoint.pt", models / "resnet10t" / "fold0" / "checkpoint.pt")
+    ensemble.mkdir()
+    blend = {"method": "mean", "weights": {"resnet10t": 1.0}, "threshold": 0.5}
+    scores = {"blend": {"ensemble": blend, "ensemble_tta": blend}}
+    files = sorted((shared_data / "originals").rglob("*.png"))
+    (ensemble / "scores.json").write_text(json.dumps(scores))
+    r = run_predict(*files, "--model", "ensemble", "--tta", "--models", models, "--ensemble", ensemble)
+    assert r.returncode == 1 and "does not say which TTA views" in r.stderr and "Traceback" not in r.stderr
+    (ensemble / "scores.json").write_text(json.dumps({**scores, "tta": {"views": ["identity"], "crop_scale": 0.875}}))
+    r = run_predict(*files, "--model", "ensemble", "--tta", "--models", models, "--ensemble", ensemble)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(pd.read_csv(io.StringIO(r.stdout))["prob"],
+                               pipeline_probs(exported_student.student, files, 32), atol=1e-4)
+    (ensemble / "scores.json").write_text(json.dumps({**scores, "tta": {"views": ["vflip"], "crop_scale": 0.875}}))
+    r = run_predict(*files, "--model", "ensemble", "--tta", "--models", models, "--ensemble", ensemble)
+    assert r.returncode == 0, r.stderr
+    flipped = pd.read_csv(io.StringIO(r.stdout))["prob"].to_numpy()
+    np.testing.assert_allclose(flipped, pipeline_probs(exported_student.student, files, 32, ["vflip"]), atol=1e-4)
+    assert np.abs(flipped - pipeline_probs(exported_student.student, files, 32)).max() > 1e-3  # the view was used
+
+
 def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data, tmp_path):
     """With train.refit the submission came from full/: predict uses it, not the (here different) fold models."""
     from pipeline.models import create_model, save_checkpoint
