@@ -1,7 +1,7 @@
 """Benchmarks (not stages): `train` compares training images/s per precision and input path; `compile` times the
-training step eager and through torch.compile; `plain` times the
-simplest competitor, one network on all training cells; `ablate` measures one switch (CV, test, minutes); `errors`
-counts, per cell, how many ablation runs got it wrong (the cells every run misses bound what any of them can score)."""
+training step eager and through torch.compile; `plain` times the simplest competitor, one network on all training
+cells; `ablate` measures one switch (CV, test, minutes); `errors` counts, per cell, how many ablation runs got it
+wrong (the cells every run misses bound what any of them can score)."""
 from __future__ import annotations
 
 import argparse
