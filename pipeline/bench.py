@@ -136,11 +136,14 @@ def bench_compile(backbone: str, size: int, *, batch_size: int, device: str, pre
 
 
 def bench_plain(prepared: Path, out: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, drop_rate: float,
-                pretrained: bool = False, weights_dir: Path | None = None) -> dict:
+                pretrained: bool = False, weights_dir: Path | None = None, train_cells: int | None = None) -> dict:
     """The bar every piece of machinery must clear: one network trained on all training cells with the pipeline's
-    own loop (no folds, no TTA, the last epoch kept), scored on the labelled test set."""
+    own loop (no folds, no TTA, the last epoch kept), scored on the labelled test set. `train_cells`: repeat the
+    training cells up to that many, to time an epoch of a bigger data set (its score then means nothing new)."""
     index, images = load_cache(prepared)
     tr, te = split_rows(index, "train"), split_rows(index, "test")
+    if train_cells:
+        tr = np.resize(tr, train_cells)  # cyclic repeat of the training rows
     labels = index["label"].to_numpy(dtype=float)
     start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -277,6 +280,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="plain: default train.epochs")
     parser.add_argument("--out", default="data/bench", type=Path, help="plain: scratch folder for its last.pt; "
                         "ablate: the runs go to <out>/ablate/<name>/, their rows to <out>/ablate/ablations.jsonl")
+    parser.add_argument("--train-cells", type=int, help="plain: repeat the training cells up to this many (timing "
+                        "an epoch of the full data from a sample)")
     parser.add_argument("--folds", default="data/folds.csv", type=Path, help="ablate: the folds CSV")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="ablate: a params.yaml change, as `dvc exp run -S` (repeatable)")
@@ -322,7 +327,7 @@ def main() -> None:
                            **({"epochs": args.epochs} if args.epochs else {}))
         row = bench_plain(args.prepared, args.out, backbone=backbone, cfg=cfg,
                           aug=AugParams(**params["augment"]), drop_rate=t["drop_rate"], pretrained=t["pretrained"],
-                          weights_dir=Path(t["weights_dir"]))
+                          weights_dir=Path(t["weights_dir"]), train_cells=args.train_cells)
         row = against(row, args.out, args.against, args.prepared)
         with open(args.out / "plain.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

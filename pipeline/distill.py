@@ -20,6 +20,7 @@ from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_ev
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.images import normalize
+from pipeline.label_noise import kept_rows, label_issues
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
 from pipeline.models import create_model, data_config, load_checkpoint, read_checkpoint, weights_digest
@@ -124,7 +125,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
             temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
             drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
             params: dict, learned: dict | None = None, drop_path_rate: float = 0.0,
-            backbones: list[str] = (), unlabelled: str = "none") -> dict:
+            backbones: list[str] = (), unlabelled: str = "none", label_noise: str = "keep") -> dict:
     """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
     index, images = load_cache(prepared)
     oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
@@ -136,6 +137,10 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
                             f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
+    names = index["img_name"].iloc[rows]
+    issues = label_issues(names, labels[rows], soft.to_numpy())
+    keep = kept_rows(np.arange(len(rows)), issues, names, label_noise)
+    rows, soft = rows[keep], soft.iloc[keep]
     extra, extra_soft, transductive = unlabelled_rows(index, ensemble_dir, unlabelled, teacher_column)
     # Unlabelled images learn the ensemble twice over: as the (soft) label and as the distillation target.
     target = np.concatenate([targets(labels[rows], soft.to_numpy()), targets(extra_soft, extra_soft)])
@@ -158,6 +163,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     train_ds = CellDataset(images[np.concatenate([rows, extra])], target, build_transform(True, aug, **norm),
                            seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
+    if ddp.is_main():
+        write_text_whole(out / "label_issues.csv", issues.to_csv(index=False, float_format="%.6g"))
     log.info("Student %s on %d labelled + %d unlabelled images, alpha %.2f, temperature %.1f", student, len(rows),
              len(extra), alpha, temperature)
     if transductive:
@@ -188,6 +195,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
                          "ms_per_image": teachers_ms["tta"]},
     }
+    report["label_noise"] = {"mode": label_noise, "flagged": int(issues["flagged"].sum()),
+                             "training_cells": int(len(issues)), "dropped": int(len(issues) - len(rows))}
     report["unlabelled"] = {"mode": unlabelled, "images": int(len(extra)), "test_transductive": transductive}
     report["test_seen"] = labelled_test_seen(index)  # the test images were training images (data.train_on_test)
     report["tta_gain"] = {"student": {f"test_{k}": report["student_tta"]["test"][k] - report["student"]["test"][k]
@@ -219,7 +228,7 @@ def main() -> None:
             crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
             learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"],
-            backbones=t["backbones"], unlabelled=d["unlabelled"])
+            backbones=t["backbones"], unlabelled=d["unlabelled"], label_noise=d["label_noise"])
     ddp.shutdown()
 
 

@@ -163,6 +163,10 @@ class Distill(Section):
         description="semi-supervised: the student also learns the ensemble's probabilities on the hidden images "
                     "(never their labels); hidden_and_test adds the labelled test images unlabelled, which makes "
                     "the student's test score transductive")
+    label_noise: Literal["keep", "drop"] = Field(
+        description="drop: the student leaves out the training cells whose label the ensemble's OOF probabilities "
+                    "confidently contradict (cleanlab's confident learning); keep: learns them all. Either way "
+                    "data/student/label_issues.csv lists the flagged cells")
     timing_images: int = Field(ge=1, description="test images used to time student vs ensemble inference")
 
 

@@ -41,7 +41,7 @@ def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, st
                 need[live / name] = f"train@{b}"
     for name in ("oof.csv", "test.csv", "scores.json"):
         need[Path(ensemble, name)] = "ensemble"
-    for name in ("test.csv", "scores.json", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
+    for name in ("test.csv", "scores.json", "label_issues.csv", "checkpoint.pt", "live/plots/metrics/train_loss.tsv"):
         need[Path(student, name)] = "distill"
     need[Path(submissions, "leaderboard.csv")] = "submit"
     for name in ("scores.json", "model.json"):

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 PRESENT = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "scipy", "onnx", "onnxruntime",
            "onnxscript", "opencv-python-headless", "pillow", "tqdm", "pyyaml", "matplotlib", "safetensors")
 # What it lacks, in the order the check needs them: albumentations (+ pydantic) for any training, dvclive (which
-# pulls in dvc) for the stages' curves, then downloading (kaggle) and the report (nbclient, weasyprint).
-WANTED = ("albumentations", "pydantic", "dvclive", "dvc", "kaggle", "nbclient", "nbformat", "nbconvert",
+# pulls in dvc) for the stages' curves, then downloading (kaggle), the student's label check (cleanlab) and the
+# report (nbclient, weasyprint).
+WANTED = ("albumentations", "pydantic", "dvclive", "dvc", "kaggle", "cleanlab", "nbclient", "nbformat", "nbconvert",
           "ipykernel", "weasyprint", "pypdf")
 HEAVY = r"(torch|torchvision|triton|nvidia-.*|cuda-.*)$"  # torch's own CUDA libraries: never carried, never replaced
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")

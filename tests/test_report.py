@@ -86,6 +86,7 @@ def test_missing_inputs_fail_before_executing(tmp_path, monkeypatch):
     for missing in ("data/prepared/index.csv (stage `prepare`)", "data/folds.csv (stage `folds`)",
                     "data/models/resnet10t/fold0/live/metrics.json (stage `train@resnet10t`)",
                     "data/ensemble/oof.csv (stage `ensemble`)", "data/student/checkpoint.pt (stage `distill`)",
+                    "data/student/label_issues.csv (stage `distill`)",
                     "submissions/latest/leaderboard.csv (stage `submit`)", "data/export/scores.json (stage `export`)",
                     "data/export/model.json (stage `export`)"):
         assert missing in msg
