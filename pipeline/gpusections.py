@@ -48,7 +48,8 @@ SIZE, BACKBONE = 64, "resnet10t"
 # Killed+resumed against unbroken, max |Δprob|: bitwise on the CPU; on a GPU cuDNN's autotuning may pick other
 # kernels in each run, so runs are not bitwise repeatable there and the bound is loose.
 RESUME_TOLERANCE = {"cpu": 1e-5, "cuda": 0.02}
-PACKAGES = ("albumentations", "pydantic", "dvc", "dvclive", "kaggle", "cleanlab", "nbclient", "weasyprint", "onnxruntime")
+PACKAGES = ("albumentations", "pydantic", "dvc", "dvclive", "kaggle", "cleanlab", "nbclient", "weasyprint",
+            "onnxruntime")
 
 
 def precisions(check: Check) -> list[str]:

@@ -135,6 +135,8 @@ def check_executed_report(project: Path) -> None:
     text = html.read_text(encoding="utf-8")
     assert text.count("data:image/png;base64") >= REQUIRED_FIGURES, "figures are not embedded in the HTML"
     assert board["file"].iat[0] in text
+    issues = pd.read_csv(project / "data" / "student" / "label_issues.csv")  # the distill stage's label check
+    assert f"{int(issues['flagged'].sum())} of {len(issues)} training cells are flagged" in text
 
     import pypdf
 

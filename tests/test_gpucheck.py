@@ -65,7 +65,8 @@ def test_stage_commands_follow_dvc_yaml_with_one_train_stage_per_backbone(tmp_pa
 
 def test_wheelhouse_carries_what_the_gpu_machine_lacks_and_never_torch():
     pins = wheelhouse.to_fetch("3.12")
-    for needed in ("albumentations", "albucore", "pydantic", "pydantic-core", "dvclive", "dvc", "kaggle", "nbclient"):
+    for needed in ("albumentations", "albucore", "pydantic", "pydantic-core", "dvclive", "dvc", "kaggle", "cleanlab",
+                   "nbclient"):
         assert needed in pins, needed
     for present in ("torch", "torchvision", "timm", "numpy", "pandas", "scipy", "onnxruntime", "pillow"):
         assert present not in pins, present
