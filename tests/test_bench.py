@@ -20,6 +20,14 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
     assert len(per_cell) == 600 and per_cell["prob"].between(0, 1).all()
 
 
+def test_plain_train_cells_sets_the_epochs_size(nndl_prepared, tmp_path):
+    """--train-cells repeats (or cuts) the training cells to time an epoch of another data set's size."""
+    cfg = TrainConfig(epochs=1, batch_size=64, ema_decay=0, select_best=False, num_workers=0, device="cpu")
+    r = bench_plain(nndl_prepared.out, tmp_path, backbone="resnet10t", cfg=cfg, drop_rate=0.0, train_cells=128,
+                    aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
+    assert r["train_images"] == 128 and r["test_images"] == 600
+
+
 def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared, tmp_path, capsys):
     import json
     from pathlib import Path
