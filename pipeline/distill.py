@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
+from pipeline import checkpoints
 from pipeline import distributed as ddp
-from pipeline import fingerprint as fp
+from pipeline.checkpoints import load_checkpoint, read_checkpoint
 from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything, write_text_whole
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
@@ -23,24 +24,39 @@ from pipeline.images import normalize
 from pipeline.label_noise import kept_rows, label_issues
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
-from pipeline.models import create_model, data_config, load_checkpoint, read_checkpoint, weights_digest
+from pipeline.models import ModelSpec, data_config
 from pipeline.params import load_params
+from pipeline.predictions import model_dirs, write_split_predictions
+from pipeline.training import derived_seed, for_backbone, start_processes, train_config, train_logged
 from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import expand_views
-from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
-                               write_split_predictions)
+from pipeline.tta import TTASpec
 
 log = logging.getLogger(__name__)
 
 
-def ms_per_image(checkpoints: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
+@dataclass(frozen=True)
+class Recipe:
+    """How the student learns from the ensemble (params.yaml's distill section, the student's network aside)."""
+    alpha: float
+    temperature: float
+    teacher_column: str  # distill.teacher: the ensemble's column the student learns
+    unlabelled: str
+    label_noise: str
+    timing_images: int
+
+    @classmethod
+    def from_params(cls, d: dict) -> "Recipe":
+        return cls(d["alpha"], d["temperature"], d["teacher"], d["unlabelled"], d["label_noise"], d["timing_images"])
+
+
+def ms_per_image(files: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
                  crop_scale: float) -> dict[str, float]:
     """Wall time per image to predict `images` with every checkpoint, per named set of views: inference alone. The
     models are loaded and the images normalised beforehand, batches come from memory (no loader workers to start),
     and every model runs every view once untimed first (oneDNN's and cuDNN's kernel setup per shape)."""
     device = resolve_device(cfg.device)
     cfg = replace(cfg, num_workers=0)
-    models = [load_checkpoint(c, device) for c in checkpoints]
+    models = [load_checkpoint(c, device) for c in files]
     sets = [TensorDataset(torch.from_numpy(normalize(images, ck["data_config"]["mean"], ck["data_config"]["std"])),
                           torch.zeros(len(images), 2)) for _, ck in models]
     every_view = list(dict.fromkeys(v for views in view_sets.values() for v in views))
@@ -74,7 +90,7 @@ def teacher_files(models_dir: Path, backbones: list[str], refit: set[str], unlab
 
 
 def teacher_sources(files: list[Path], models_dir: Path, blend: dict, *, teacher_column: str, unlabelled: str,
-                    views: list[str], crop_scale: float) -> dict:
+                    tta: TTASpec) -> dict:
     """What the student's targets come from, as fingerprint params: each teacher's fingerprint (a digest) and kept
     epoch, the TTA views behind the TTA column, the ensemble's blend and threshold, distill.teacher and .unlabelled.
 
@@ -85,7 +101,7 @@ def teacher_sources(files: list[Path], models_dir: Path, blend: dict, *, teacher
            "ensemble.blend": blend["method"], "ensemble.threshold": round(float(blend["threshold"]), 2),
            "ensemble.weights": {b: round(float(w), 2) for b, w in sorted(blend["weights"].items())}}
     if teacher_column.endswith("_tta"):
-        out.update({"ensemble.views": list(views), "ensemble.crop_scale": crop_scale})
+        out.update({"ensemble.views": list(tta.views), "ensemble.crop_scale": tta.crop_scale})
     for f in files:
         ck = read_checkpoint(f, mmap=True)  # weights only; mmap: the tensors are not read
         name = f.parent.relative_to(models_dir).as_posix()
@@ -121,12 +137,12 @@ def unlabelled_rows(index: pd.DataFrame, ensemble_dir: Path, mode: str, teacher_
     return np.asarray(rows, int), np.asarray(soft, float), bool(test_names & seen)
 
 
-def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: str, alpha: float,
-            temperature: float, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
-            drop_rate: float, views: list[str], crop_scale: float, teacher_column: str, timing_images: int,
-            params: dict, learned: dict | None = None, drop_path_rate: float = 0.0,
-            backbones: list[str] = (), unlabelled: str = "none", label_noise: str = "keep") -> dict:
-    """Train (or resume, or reuse) the student and score it against the ensemble; `learned` as in train_fold."""
+def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: ModelSpec, recipe: Recipe,
+            cfg: TrainConfig, aug: AugParams, tta: TTASpec, params: dict, learned: dict | None = None,
+            backbones: list[str] = ()) -> dict:
+    """Train (or resume, or reuse) the student and score it against the ensemble. `learned`: the flat params its
+    fingerprint holds (checkpoints.learned_params); `params`: what its checkpoint records."""
+    teacher_column, unlabelled = recipe.teacher_column, recipe.unlabelled
     index, images = load_cache(prepared)
     oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
     if teacher_column not in oof:
@@ -139,7 +155,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     labels = index["label"].to_numpy(dtype=float)
     names = index["img_name"].iloc[rows]
     issues = label_issues(names, labels[rows], soft.to_numpy())
-    keep = kept_rows(np.arange(len(rows)), issues, names, label_noise)
+    keep = kept_rows(np.arange(len(rows)), issues, names, recipe.label_noise)
     rows, soft = rows[keep], soft.iloc[keep]
     extra, extra_soft, transductive = unlabelled_rows(index, ensemble_dir, unlabelled, teacher_column)
     # Unlabelled images learn the ensemble twice over: as the (soft) label and as the distillation target.
@@ -152,41 +168,41 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     # The ensemble's test/hidden predictions come from each backbone's refit model where it has one (train.refit).
     refit = set(ens_scores.get("refit", {}).get("backbones", []))
     sources = teacher_sources(teacher_files(models_dir, backbones, refit, unlabelled), models_dir, blend,
-                              teacher_column=teacher_column, unlabelled=unlabelled, views=views, crop_scale=crop_scale)
-    fingerprint = fp.make({**(learned or {}), "model.student": student, **sources},
-                          {**data_digests(prepared), "weights": weights_digest(student, pretrained, weights_dir)})
+                              teacher_column=teacher_column, unlabelled=unlabelled, tta=tta)
+    fingerprint = checkpoints.fingerprint(
+        {**(learned or {}), "model.student": student.backbone, **sources},
+        {**checkpoints.data_digests(prepared),
+         "weights": checkpoints.weights_digest(student.backbone, student.pretrained, student.weights_dir)})
     seed_everything(cfg.seed)
-    model = create_model(student, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate)
+    model = student.create()
     norm = data_config(model)
-    eval_tf = build_transform(False, aug, **norm)
     train_ds = CellDataset(images[np.concatenate([rows, extra])], target, build_transform(True, aug, **norm),
                            seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     if ddp.is_main():
         write_text_whole(out / "label_issues.csv", issues.to_csv(index=False, float_format="%.6g"))
-    log.info("Student %s on %d labelled + %d unlabelled images, alpha %.2f, temperature %.1f", student, len(rows),
-             len(extra), alpha, temperature)
+    log.info("Student %s on %d labelled + %d unlabelled images, alpha %.2f, temperature %.1f", student.backbone,
+             len(rows), len(extra), recipe.alpha, recipe.temperature)
     if transductive:
         log.warning("The labelled test images are among the student's unlabelled images: its test score is "
                     "transductive (like Kaggle's hidden score), not a held-out estimate")
 
     # No validation split: every training image is used, and the last epoch is kept.
-    _, model = train_logged(model, student, train_ds, None, None, DistillLoss(alpha, temperature, cfg.label_smoothing),
-                            cfg, out, params, fingerprint)
+    _, model = train_logged(model, student.backbone, train_ds, None, None,
+                            DistillLoss(recipe.alpha, recipe.temperature, cfg.label_smoothing), cfg, out, params,
+                            fingerprint)
     ckpt = out / "checkpoint.pt"
     test_rows = split_rows(index, "test")
-    test = write_split_predictions(model, images, index, out, cfg, views, crop_scale, eval_tf)["test"]
+    test = write_split_predictions(model, images, index, out, cfg, tta, norm)["test"]
     if not ddp.is_main():  # rank 0 times the models and writes the scores
         return {}
     y = labels[test_rows].astype(int)
     ens = ens_scores["metrics"]
-    sample = images[test_rows[:timing_images]]
-    teachers = sorted(p for b in backbones
-                      for p in (models_dir / b).glob("full/checkpoint.pt" if b in refit else "fold*/checkpoint.pt"))
-    view_sets = {"plain": ["identity"], "tta": views}
-    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, crop_scale)
-    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, crop_scale)
+    sample = images[test_rows[:recipe.timing_images]]
+    teachers = sorted(d / "checkpoint.pt" for b in backbones for d in model_dirs(models_dir, b, b in refit))
+    view_sets = {"plain": ["identity"], "tta": list(tta.views)}
+    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, tta.crop_scale)
+    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, tta.crop_scale)
     report = {
         "student": {"test": binary_metrics(y, test["prob"]), "ms_per_image": student_ms["plain"]},
         "student_tta": {"test": binary_metrics(y, test["prob_tta"]), "ms_per_image": student_ms["tta"]},
@@ -195,7 +211,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
         "ensemble_tta": {"test": ens["ensemble_tta"]["test"], "n_models": len(teachers),
                          "ms_per_image": teachers_ms["tta"]},
     }
-    report["label_noise"] = {"mode": label_noise, "flagged": int(issues["flagged"].sum()),
+    report["label_noise"] = {"mode": recipe.label_noise, "flagged": int(issues["flagged"].sum()),
                              "training_cells": int(len(issues)), "dropped": int(len(issues) - len(rows))}
     report["unlabelled"] = {"mode": unlabelled, "images": int(len(extra)), "test_transductive": transductive}
     report["test_seen"] = labelled_test_seen(index)  # the test images were training images (data.train_on_test)
@@ -217,18 +233,15 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     params = for_backbone(params, params["distill"]["student"])
-    t, d, tta = params["train"], params["distill"], params["tta"]
+    t, d = params["train"], params["distill"]
     if start_processes("pipeline.distill", t):
         return
     cfg = train_config(t, derived_seed(t["seed"], "student", d["student"]), epochs=d["epochs"], select_best=False)
-    views = expand_views(tta["views"])
-    distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out), student=d["student"],
-            alpha=d["alpha"], temperature=d["temperature"], cfg=cfg, aug=AugParams(**params["augment"]),
-            pretrained=t["pretrained"], weights_dir=t["weights_dir"], drop_rate=t["drop_rate"], views=views,
-            crop_scale=tta["crop_scale"], teacher_column=d["teacher"], timing_images=d["timing_images"],
+    distill(Path(args.prepared), Path(args.ensemble), Path(args.models), Path(args.out),
+            student=ModelSpec.from_params(t, d["student"]), recipe=Recipe.from_params(d), cfg=cfg,
+            aug=AugParams(**params["augment"]), tta=TTASpec.from_params(params["tta"]),
             params={"train": t, "distill": d, "augment": params["augment"], "img_size": params["data"]["img_size"]},
-            learned=fp.learned_params(params, fp.STUDENT_PARAMS), drop_path_rate=t["drop_path_rate"],
-            backbones=t["backbones"], unlabelled=d["unlabelled"], label_noise=d["label_noise"])
+            learned=checkpoints.learned_params(params, checkpoints.STUDENT_PARAMS), backbones=t["backbones"])
     ddp.shutdown()
 
 

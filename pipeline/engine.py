@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,12 +22,11 @@ from tqdm import tqdm
 
 from pipeline import batch_aug
 from pipeline import distributed as ddp
-from pipeline import fingerprint as fp
 from pipeline import precision as amp_precision
+from pipeline.checkpoints import read_checkpoint, resume_state, run_fingerprint
 from pipeline.common import PipelineError, available_cores, written_whole
 from pipeline.dataset import CellDataset
 from pipeline.metrics import binary_metrics
-from pipeline.models import UntrustedCheckpoint, read_checkpoint
 from pipeline.tta import apply_view
 
 log = logging.getLogger(__name__)
@@ -85,14 +84,14 @@ def setup_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     else:
-        # One thread per core: on 2 cores, reserving one for the augmentation worker measured slower
-        # (the worker needs a fraction of a core at 64 px; see `python -m pipeline.bench train`).
+        # One thread per core: the augmentation runs in the main process on a CPU (see workers), so no core is
+        # kept free for a loader worker (`python -m pipeline.bench train` times both).
         torch.set_num_threads(cores())
 
 
 def workers(cfg: TrainConfig, device: torch.device) -> int:
-    """train.num_workers, with auto resolved: on the CPU 0 (a worker fights torch's threads for the cores: the demo
-    took 27 s instead of 39 s without one), on a GPU one per core this process may use, at most 8."""
+    """train.num_workers, with auto resolved: on the CPU 0 (a worker fights torch's threads for the same cores;
+    docs/results.md, "DataLoader workers"), on a GPU one per core this process may use, at most 8."""
     if cfg.num_workers != "auto":
         return int(cfg.num_workers)
     return min(8, cores()) if device.type == "cuda" else 0
@@ -132,8 +131,8 @@ EVAL_BATCH_CPU = 128  # the smallest prediction batch on a CPU
 
 def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, persistent: bool = False) -> DataLoader:
     """In-order batches, for prediction (and validation: `persistent` keeps its workers across epochs)."""
-    # Without gradients a CPU predicts faster in bigger batches (48 px, 2 cores, 128 against 32: DenseNet-121 1.16x,
-    # EfficientNet-B0 1.37x, ResNet10-T 1.16x); a GPU keeps its process's training batch, known to fit its memory.
+    # Without gradients a CPU predicts faster in bigger batches (fewer, larger matrix products per image); a GPU
+    # keeps its process's training batch, known to fit its memory.
     batch = ddp.local_batch(cfg.batch_size) if device.type == "cuda" else max(cfg.batch_size, EVAL_BATCH_CPU)
     n = workers(cfg, device)
     return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=n, pin_memory=device.type == "cuda",
@@ -181,48 +180,12 @@ def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch
     return probs
 
 
-# TrainConfig fields that change speed, not the weights: a run may resume with other values.
-_SPEED_ONLY = ("num_workers", "device", "compile")
-# Fields that split a run over processes without changing its recipe (batch_size is the global batch): a finished
-# model is reused whatever they are; a half-trained last.pt resumes only with the same (fingerprint.resume_only_*).
-_RESUME_ONLY = ("world_size", "sync_bn")
-
-
-def run_fingerprint(cfg: TrainConfig, fingerprint: dict | None) -> dict:
-    """The caller's fingerprint (params and data digests) plus the TrainConfig fields that shape training, and the
-    process split as resume-only."""
-    base = fingerprint or fp.make({}, {})
-    config = asdict(cfg)
-    shaping = {f"config.{k}": v for k, v in config.items() if k not in (*_SPEED_ONLY, *_RESUME_ONLY)}
-    return fp.make({**base["params"], **shaping}, base["inputs"], {f"config.{k}": config[k] for k in _RESUME_ONLY})
-
-
-def resume_state(last: Path, current: dict) -> dict | None:
-    """The contents of `last` if it was trained on exactly `current`'s inputs; otherwise it is set aside (removed)."""
-    if not last.is_file():
-        return None
-    try:
-        ck = read_checkpoint(last)
-        diff = fp.differences(ck.get("fingerprint"), current)
-        if not diff and not ck["state"]["done"]:  # a half-trained run resumes only with the same process split
-            diff = fp.resume_only_differences(ck.get("fingerprint"), current)
-    except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
-        ck, diff = None, [f"it is not weights only: {e.reason}"]
-    except Exception as e:  # a truncated or foreign file must not stop a fresh run
-        ck, diff = None, [f"it cannot be read ({type(e).__name__}: {e})"]
-    if not diff:
-        return ck
-    log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(diff))
-    last.unlink()
-    return None
-
-
 def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, val_labels: np.ndarray | None,
         loss_fn: Callable, cfg: TrainConfig, out_dir: Path, live=None, save: Callable | None = None,
         fingerprint: dict | None = None) -> dict:
     """Train with AdamW, warmup+cosine, EMA, clipping and early stopping; resume from out_dir/last.pt.
 
-    last.pt is resumed only if `fingerprint` (see pipeline.fingerprint) and cfg match the run that wrote it.
+    last.pt is resumed only if `fingerprint` (pipeline.checkpoints) and cfg match the run that wrote it.
     `save(model, epoch, metrics)` writes the kept checkpoint; `live` gets every epoch's metrics, the resumed
     ones replayed, so the curves always match last.pt. Returns the kept epoch's metrics. Under DDP every rank
     calls it; rank 0 alone saves, writes last.pt and decides when to stop."""

@@ -50,9 +50,12 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
 def use_refit(models: Path, backbones: list[str], tables: dict[str, pd.DataFrame]) -> list[str]:
     """Put each refit model's test/hidden predictions (`<backbone>/full/`) in place of its fold average; returns
     the backbones that have one. OOF stays from the folds: the refit model saw every training cell."""
+    from pipeline.predictions import model_dirs  # torch, imported only when train.refit is on
+
     used = []
     for b in backbones:
-        files = {split: models / b / "full" / f"{split}.csv" for split in ("test", "hidden")}
+        refit_dir = model_dirs(models, b, refit=True)[0]
+        files = {split: refit_dir / f"{split}.csv" for split in ("test", "hidden")}
         if not all(f.is_file() for f in files.values()):
             log.warning("train.refit is on but %s has no refit predictions in %s: its test/hidden stay the fold "
                         "average (run `dvc repro train@%s`)", b, files["test"].parent, b)

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 
 from pipeline import onnx_io
+from pipeline.checkpoints import load_checkpoint
 from pipeline.common import (PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole,
                              written_whole)
-from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.dataset import load_cache, split_rows
 from pipeline.engine import TrainConfig, predict
 from pipeline.images import normalize
 from pipeline.metrics import binary_metrics
-from pipeline.models import load_checkpoint
 from pipeline.params import load_params
-from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import expand_views
+from pipeline.predictions import eval_dataset
+from pipeline.tta import TTASpec
 
 log = logging.getLogger(__name__)
 for _name in ("onnx_ir", "onnxscript", "onnxruntime"):  # a line per graph pass otherwise
@@ -106,7 +106,7 @@ def timings(model: torch.nn.Module, onnx_files: dict[str, Path], x: np.ndarray) 
     return out
 
 
-def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_scale: float) -> dict:
+def export(prepared: Path, student: Path, out: Path, *, tta: TTASpec) -> dict:
     """Write student.onnx, student.int8.onnx, model.json, scores.json and metrics.json into `out`."""
     seconds, t0 = {}, time.perf_counter()
     model, ck = load_checkpoint(student / "checkpoint.pt")
@@ -119,8 +119,7 @@ def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_s
     y = index["label"].to_numpy()[test].astype(int)
     x = normalize(images[test], norm["mean"], norm["std"])
     # The reference: the pipeline's own prediction function on the cache, in fp32 on the CPU.
-    ds = CellDataset(images[test], targets(np.zeros(len(test))), build_transform(False, AugParams(), **norm))
-    reference = predict(model, ds, TrainConfig(batch_size=64, num_workers=0, device="cpu"), torch.device("cpu"),
+    reference = predict(model, eval_dataset(images[test], norm), TrainConfig(batch_size=64, num_workers=0, device="cpu"), torch.device("cpu"),
                         desc="torch")[:, 0]
     out.mkdir(parents=True, exist_ok=True)
     files = {"onnx_fp32": out / "student.onnx", "onnx_int8": out / "student.int8.onnx"}
@@ -164,7 +163,7 @@ def export(prepared: Path, student: Path, out: Path, *, views: list[str], crop_s
                   "scale": "pixel / 255", "mean": list(norm["mean"]), "std": list(norm["std"])},
         "output": {"name": "prob", "shape": ["batch"], "meaning": "probability of class 1 (parasitized)"},
         "threshold": THRESHOLD, "classes": {"0": "uninfected", "1": "parasitized"},
-        "tta": {"views": views, "crop_scale": crop_scale}, "params": ck["params"], "git_commit": git_commit()}
+        "tta": {"views": list(tta.views), "crop_scale": tta.crop_scale}, "params": ck["params"], "git_commit": git_commit()}
     write_text_whole(out / onnx_io.MANIFEST, json.dumps(manifest, indent=2))
     for name, r in formats.items():
         log.info("%-10s accuracy %.4f AUC %.4f max|dp| %.1e %6.2f MB, ms/image b1 %.2f b64 %.2f (all threads)", name,
@@ -199,7 +198,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the ONNX files and their JSON")
     args = parser.parse_args()
     tta = load_params()["tta"]
-    export(args.prepared, args.student, args.out, views=expand_views(tta["views"]), crop_scale=tta["crop_scale"])
+    export(args.prepared, args.student, args.out, tta=TTASpec.from_params(tta))
 
 
 if __name__ == "__main__":

@@ -103,10 +103,11 @@ class Recorder:
 
 def train(check: Check, out: Path, precision: str, live: Recorder, **options) -> tuple[torch.nn.Module, dict]:
     """The pipeline's own fit() of the check's backbone for 2 epochs; returns the model and what was seen."""
+    from pipeline.checkpoints import save_checkpoint
     from pipeline.dataset import CellDataset, targets
     from pipeline.engine import TrainConfig, fit
     from pipeline.losses import LabelLoss
-    from pipeline.models import create_model, data_config, save_checkpoint
+    from pipeline.models import create_model, data_config
     from pipeline.transforms import AugParams, build_transform
 
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def train(check: Check, out: Path, precision: str, live: Recorder, **options) ->
 
 
 def fit_runs(check: Check) -> dict:
-    from pipeline.models import read_checkpoint
+    from pipeline.checkpoints import read_checkpoint
 
     d, failed = {}, False
     runs = [("auto", {}), ("fp16", dict(ema_decay=0.9, mixup=0.2, progressive=0.5))]
@@ -184,7 +185,7 @@ def _val_inputs(check: Check, ck: dict) -> np.ndarray:
 
 
 def predictions(check: Check) -> dict:
-    from pipeline.models import load_checkpoint
+    from pipeline.checkpoints import load_checkpoint
 
     if "fit_auto" not in check.made:
         raise Skip("needs the fit section's checkpoint")
@@ -223,7 +224,7 @@ def views_and_batch_aug(check: Check) -> dict:
 
 
 def resume(check: Check) -> dict:
-    from pipeline.models import load_checkpoint, read_checkpoint
+    from pipeline.checkpoints import load_checkpoint, read_checkpoint
 
     if "fit_auto" not in check.made:
         raise Skip("needs the fit section's unbroken run")
@@ -248,7 +249,7 @@ def resume(check: Check) -> dict:
 def export(check: Check) -> dict:
     from pipeline import onnx_io
     from pipeline.export import PARITY_TOLERANCE, to_onnx
-    from pipeline.models import load_checkpoint
+    from pipeline.checkpoints import load_checkpoint
 
     if "fit_auto" not in check.made:
         raise Skip("needs the fit section's checkpoint")

@@ -1,68 +1,41 @@
-"""Build timm backbones (pretrained from the hub or a local file) and rebuild them from checkpoints, weights only."""
+"""Build timm backbones (pretrained from the hub or a local weights file, read weights only) and check they run."""
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
-from pipeline.common import PipelineError, written_whole
-from pipeline.fingerprint import file_digest
+from pipeline.common import PipelineError
+from pipeline.weights_only import UntrustedCheckpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2  # softmax over {uninfected, parasitized}: distillation's temperature acts on these logits
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# Set to 1 to load checkpoints and weights files that need more than tensors and plain types (full unpickling, which
-# runs whatever code the file names). Off by default; an environment variable, never a param, so no run records it.
-TRUST_ENV = "PIPELINE_TRUST_CHECKPOINTS"
 
 
-class UntrustedCheckpoint(PipelineError):
-    """A checkpoint or weights file that weights-only loading refused: unpickling it could run code."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """One network's settings, as params.yaml's train section gives them: what create_model builds."""
+    backbone: str
+    pretrained: bool = False
+    weights_dir: str | None = None
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
 
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(
-            f"{path} was not loaded: {reason}. Every file this pipeline writes holds only tensors and plain types "
-            f"(loaded weights only). If you trust its author, set {TRUST_ENV}=1 and re-run; "
-            "otherwise delete it (`dvc repro` writes the pipeline's own again; pretrained weights are safest as "
-            ".safetensors).")
+    @classmethod
+    def from_params(cls, train: dict, backbone: str) -> "ModelSpec":
+        return cls(backbone, pretrained=train["pretrained"], weights_dir=train["weights_dir"],
+                   drop_rate=train["drop_rate"], drop_path_rate=train["drop_path_rate"])
 
-
-def trusting_checkpoints() -> bool:
-    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def read_checkpoint(path: str | Path, *, mmap: bool = False):
-    """torch.load of `path` onto the CPU, weights only (tensors and plain types). A file that needs anything else raises
-    UntrustedCheckpoint, unless PIPELINE_TRUST_CHECKPOINTS=1 allows loading it in full; bytes that are no pickle
-    torch.save writes raise a PipelineError saying so."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message is a page long, with terminal colours
-    found = re.search(r"WeightsUnpickler error: *\n*(.+)", text)
-    detail = (found.group(1) if found else text.splitlines()[0] if text else "").strip()
-    if trusting_checkpoints():
-        log.warning("%s is not weights only (%s); loading it in full, as %s=1 says you trust its author", path,
-                    detail, TRUST_ENV)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    if detail.startswith("Unsupported operand"):  # garbage, not a refused global
-        raise PipelineError(f"{path} cannot be read: it is damaged or not a file torch.save wrote (torch: {detail}). "
-                            "Delete it; `dvc repro` writes the pipeline's own again.") from None
-    # Which globals the file names, read from its opcodes without running them (torch >= 2.5, zip files).
-    try:
-        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # older torch, or the legacy format: the first global torch refused
-        names = re.findall(r"^Unsupported global: GLOBAL (\S+)", detail)
-    raise UntrustedCheckpoint(path, f"it needs unpickling of {', '.join(names)}, which can run any code" if names
-                              else f"torch's weights-only loader refused it ({detail})")
+    def create(self) -> torch.nn.Module:
+        return create_model(self.backbone, pretrained=self.pretrained, weights_dir=self.weights_dir,
+                            drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
 
 
 def read_weights(path: Path) -> dict:
@@ -89,17 +62,6 @@ def local_weights(arch: str, weights_dir: str | Path | None) -> Path | None:
     d = Path(weights_dir)
     candidates = [d / f"{arch}{s}" for s in WEIGHT_SUFFIXES] + [d / arch / f"model{s}" for s in WEIGHT_SUFFIXES]
     return next((p for p in candidates if p.is_file()), None)
-
-
-def weights_digest(arch: str, pretrained: bool, weights_dir: str | Path | None) -> str:
-    """What the starting weights are, for resume fingerprints: none, a local file's sha256, or the hub's tag."""
-    if not pretrained:
-        return "none (from scratch)"
-    file = local_weights(arch, weights_dir)
-    if file is not None:
-        return f"{file.name}:{file_digest(file)}"
-    cfg = timm.models.get_pretrained_cfg(arch)
-    return f"hub:{cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else arch}"
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -158,8 +120,8 @@ def create_model(arch: str, *, pretrained: bool = False, weights_dir: str | Path
 
 def zero_init_residuals(model: torch.nn.Module) -> None:
     """Start every residual block of timm's EfficientNet/MobileNet builders (has_skip) as the identity, by zeroing its
-    last BatchNorm's scale, as timm's ResNets do (zero_init_last). From scratch on the demo's 572 cells per fold this
-    lifted EfficientNet-B0's CV accuracy from 0.759 to 0.845 (3 folds, 5 epochs, 48 px, same seed)."""
+    last BatchNorm's scale, as timm's ResNets do (zero_init_last): from scratch on few cells, an EfficientNet then
+    learns from the first steps instead of fighting its own noise (docs/results.md, "EfficientNet-B0 from scratch")."""
     for m in model.modules():
         if getattr(m, "has_skip", False):
             norms = [c for c in m.children() if isinstance(c, torch.nn.BatchNorm2d)]
@@ -171,28 +133,6 @@ def data_config(model: torch.nn.Module) -> dict:
     """Mean/std the backbone was pretrained with (timm's pretrained config), used to normalise its inputs."""
     cfg = timm.data.resolve_model_data_config(model)
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-
-
-def save_checkpoint(path: Path, model: torch.nn.Module, *, arch: str, params: dict, epoch: int,
-                    metric: dict, extra: dict | None = None) -> None:
-    """A self-describing checkpoint: everything inference needs to rebuild the model, with the precision it trained in
-    (engine.fit sets `trained_precision` on the model; predictions run in it where the device has it natively)."""
-    state = model.state_dict()
-    with written_whole(Path(path), sum(t.numel() * t.element_size() for t in state.values())) as tmp:
-        torch.save({"arch": arch, "params": params, "epoch": epoch, "metric": metric, "data_config": data_config(model),
-                    "precision": getattr(model, "trained_precision", "fp32"), "state_dict": state, **(extra or {})}, tmp)
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by save_checkpoint; returns (model in eval mode, channels_last as the
-    pipeline feeds it, with `trained_precision` from the checkpoint; the checkpoint)."""
-    if not Path(path).is_file():
-        raise PipelineError(f"Checkpoint {path} is missing: run the stage that makes it (`dvc repro`).")
-    ckpt = read_checkpoint(path)
-    model = create_model(ckpt["arch"], pretrained=False)
-    model.load_state_dict(ckpt["state_dict"])
-    model.trained_precision = ckpt.get("precision", "fp32")  # older checkpoints: predicted in fp32
-    return model.to(device).to(memory_format=torch.channels_last).eval(), ckpt
 
 
 def check_model_name(arch: str, key: str) -> None:

@@ -109,15 +109,13 @@ def onnx_probs(images: np.ndarray, export_dir: Path, model: str, tta: bool, thre
 
 def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta: bool, batch_size: int
                    ) -> tuple[np.ndarray, float]:
-    """Every fold checkpoint (or the refit model, with train.refit) of every blended backbone through the pipeline's
-    prediction function, blended as the ensemble stage chose; returns the probabilities and the threshold."""
+    """Every fold checkpoint (or the refit model, with train.refit) of every blended backbone, blended as the ensemble
+    stage chose, with the TTA views its run recorded; returns the probabilities and the threshold."""
     # Imported here: the checkpoints need torch, the ONNX path does not.
     from pipeline.blend import blend
-    from pipeline.dataset import CellDataset, targets
-    from pipeline.engine import TrainConfig, predict, resolve_device
-    from pipeline.models import load_checkpoint
-    from pipeline.transforms import AugParams, build_transform
-    from pipeline.tta import expand_views
+    from pipeline.engine import TrainConfig
+    from pipeline.predictions import backbone_probs
+    from pipeline.tta import TTASpec
 
     scores = ensemble_dir / "scores.json"
     if not scores.is_file():
@@ -129,34 +127,17 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     if tta and tta_params is None:
         raise PipelineError(f"{scores} does not say which TTA views its run used (it was written before they were "
                             "recorded): run `dvc repro ensemble`, or predict without --tta.")
-    views = expand_views(tta_params["views"]) if tta else ["identity"]
-    crop_scale = tta_params["crop_scale"] if tta else 1.0
+    spec = TTASpec.from_params(tta_params) if tta else TTASpec(("identity",), 1.0)
     cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
-    device = resolve_device(cfg.device)
-    columns, weights = [], []
-    for backbone, w in chosen["weights"].items():
-        folds = ([models_dir / backbone / "full" / "checkpoint.pt"] if backbone in refit else
-                 sorted((models_dir / backbone).glob("fold*/checkpoint.pt")))
-        if not folds:
-            raise PipelineError(f"{models_dir / backbone} has no fold checkpoints: run `dvc repro train@{backbone}`.")
-        per_fold = []
-        for ckpt in folds:
-            model, ck = load_checkpoint(ckpt, device)
-            if ck["params"]["img_size"] != images.shape[1]:
-                raise PipelineError(f"{ckpt} was trained at {ck['params']['img_size']} px, the others at "
-                                    f"{images.shape[1]} px: re-run `dvc repro`.")
-            ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, AugParams(), **ck["data_config"]))
-            per_fold.append(predict(model, ds, cfg, device, views, crop_scale, desc=str(ckpt)).mean(1))
-        columns.append(np.mean(per_fold, 0))  # folds averaged per backbone, as the ensemble stage does
-        weights.append(w)
-    return blend(np.stack(columns, 1), np.asarray(weights)), chosen["threshold"]
+    columns = [backbone_probs(models_dir, b, b in refit, images, spec, cfg) for b in chosen["weights"]]
+    return blend(np.stack(columns, 1), np.asarray(list(chosen["weights"].values()))), chosen["threshold"]
 
 
 def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
     """The side the model was trained at: images are decoded to it, as the cache was."""
     if model != "ensemble":
         return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
-    from pipeline.models import read_checkpoint  # torch: only the ensemble needs it
+    from pipeline.weights_only import read_checkpoint  # torch: only the ensemble needs it
 
     ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
     if not ckpts:

@@ -6,50 +6,19 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import distributed as ddp
-from pipeline import fingerprint as fp
-from pipeline.common import PipelineError, run_main, seed_everything
-from pipeline.dataset import CellDataset, load_cache, targets
-from pipeline.engine import TrainConfig
-from pipeline.losses import LabelLoss
-from pipeline.models import create_model, data_config, read_checkpoint, weights_digest
+from pipeline.checkpoints import read_checkpoint
+from pipeline.common import PipelineError, run_main
 from pipeline.params import load_params
-from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import expand_views
-from pipeline.workflow import (data_digests, derived_seed, for_backbone, start_processes, train_config, train_logged,
-                               write_predictions, write_split_predictions)
+from pipeline.teachers import Teacher, train_fold, train_full
+from pipeline.training import derived_seed, for_backbone, start_processes, train_config
 
 log = logging.getLogger(__name__)
-
-
-def train_fold(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, fold: int, cfg: TrainConfig,
-               aug: AugParams, pretrained: bool, weights_dir: str, drop_rate: float, views: list[str],
-               crop_scale: float, params: dict, learned: dict | None = None, drop_path_rate: float = 0.0) -> dict:
-    """Train (or resume, or reuse) one (backbone, fold) model and write its predictions.
-
-    `learned` is the flat map of params that shape the weights (pipeline.fingerprint.learned_params)."""
-    index, images = load_cache(prepared)
-    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
-    if fold not in set(folds["fold"]):
-        raise PipelineError(f"Fold {fold} is not in {folds_csv} (folds {sorted(set(folds['fold']))}).")
-    row_of = pd.Series(np.arange(len(index)), index=index["img_name"].where(index["split"] == "train"))
-    tr, va = (row_of[folds.loc[m, "img_name"]].to_numpy() for m in (folds["fold"] != fold, folds["fold"] == fold))
-    fingerprint = fp.make({**(learned or {}), "model.backbone": backbone, "model.fold": fold},
-                          {**data_digests(prepared, folds_csv),
-                           "weights": weights_digest(backbone, pretrained, weights_dir)})
-    best, oof = _fit_and_predict(index, images, tr, va, out, name=f"{backbone} fold {fold}", backbone=backbone,
-                                 cfg=cfg, aug=aug, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
-                                 drop_path_rate=drop_path_rate, views=views, crop_scale=crop_scale, params=params,
-                                 fingerprint=fingerprint)
-    acc = ((oof["prob"].to_numpy() >= 0.5) == index["label"].to_numpy(dtype=float)[va]).mean()
-    log.info("%s fold %d: kept epoch %d, OOF accuracy %.4f", backbone, fold, best["epoch"], acc)
-    return best
 
 
 def refit_epochs(backbone_dir: Path, folds: list[int]) -> int:
@@ -66,54 +35,6 @@ def refit_epochs(backbone_dir: Path, folds: list[int]) -> int:
     return n
 
 
-def train_full(prepared: Path, folds_csv: Path, out: Path, *, backbone: str, epochs: int, cfg: TrainConfig,
-               aug: AugParams, pretrained: bool, weights_dir: str, drop_rate: float, views: list[str],
-               crop_scale: float, params: dict, learned: dict | None = None, drop_path_rate: float = 0.0) -> dict:
-    """The refit (train.refit): train (or resume, or reuse) one model on every cell of the folds for `epochs`,
-    keeping the last epoch, and write its test/hidden predictions; `learned` as in train_fold."""
-    index, images = load_cache(prepared)
-    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
-    row_of = pd.Series(np.arange(len(index)), index=index["img_name"].where(index["split"] == "train"))
-    rows = row_of[folds["img_name"]].to_numpy()
-    # No held-out cells to choose an epoch on: the folds chose it, and the last one is kept, like the student's.
-    cfg = replace(cfg, epochs=epochs, select_best=False)
-    fingerprint = fp.make({**(learned or {}), "model.backbone": backbone, "model.fold": "full"},
-                          {**data_digests(prepared, folds_csv),
-                           "weights": weights_digest(backbone, pretrained, weights_dir)})
-    best, _ = _fit_and_predict(index, images, rows, None, out, name=f"{backbone} refit", backbone=backbone, cfg=cfg,
-                               aug=aug, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
-                               drop_path_rate=drop_path_rate, views=views, crop_scale=crop_scale, params=params,
-                               fingerprint=fingerprint)
-    log.info("%s refit: kept epoch %d of %d, trained on all %d cells", backbone, best["epoch"], epochs, len(rows))
-    return best
-
-
-def _fit_and_predict(index: pd.DataFrame, images: np.ndarray, tr: np.ndarray, va: np.ndarray | None, out: Path, *,
-                     name: str, backbone: str, cfg: TrainConfig, aug: AugParams, pretrained: bool, weights_dir: str,
-                     drop_rate: float, drop_path_rate: float, views: list[str], crop_scale: float, params: dict,
-                     fingerprint: dict) -> tuple[dict, pd.DataFrame | None]:
-    """One model on cache rows `tr`, validated on `va` (None: no validation), through train_logged; writes oof.csv
-    (for `va`), test.csv and hidden.csv. Returns the kept epoch's metrics and the OOF table (None without `va`)."""
-    labels = index["label"].to_numpy(dtype=float)
-    seed_everything(cfg.seed)
-    model = create_model(backbone, pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate)
-    norm = data_config(model)
-    train_tf = build_transform(True, aug, **norm)
-    eval_tf = build_transform(False, aug, **norm)
-    train_ds = CellDataset(images[tr], targets(labels[tr]), train_tf, seed=cfg.seed)
-    val_ds = None if va is None else CellDataset(images[va], targets(labels[va]), eval_tf)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("%s: %d train / %d validation images, seed %d", name, len(tr), 0 if va is None else len(va), cfg.seed)
-
-    best, model = train_logged(model, backbone, train_ds, val_ds, None if va is None else labels[va].astype(int),
-                               LabelLoss(cfg.label_smoothing), cfg, out, params, fingerprint)
-    oof = None if va is None else write_predictions(model, images, index, va, out / "oof.csv", cfg, views,
-                                                    crop_scale, eval_tf)
-    write_split_predictions(model, images, index, out, cfg, views, crop_scale, eval_tf)
-    return best, oof
-
-
 def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None:
     """The backbone's folder persists between runs (for last.pt): drop folders of folds that no longer exist, and
     the refit model's folder (full/) when train.refit is off."""
@@ -124,17 +45,6 @@ def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None
     if not refit and (out / "full").is_dir():
         log.info("Removing %s: train.refit is off", out / "full")
         shutil.rmtree(out / "full")
-
-
-def model_kwargs(params: dict, backbone: str) -> dict:
-    """The keyword arguments train_fold and train_full take from params.yaml, for one backbone."""
-    params = for_backbone(params, backbone)  # its own lr, and no other model's in its fingerprint
-    p, tta = params["train"], params["tta"]
-    return dict(backbone=backbone, aug=AugParams(**params["augment"]), pretrained=p["pretrained"],
-                weights_dir=p["weights_dir"], drop_rate=p["drop_rate"], views=expand_views(tta["views"]),
-                crop_scale=tta["crop_scale"], learned=fp.learned_params(params, fp.TEACHER_PARAMS),
-                drop_path_rate=p["drop_path_rate"],
-                params={"train": p, "augment": params["augment"], "img_size": params["data"]["img_size"]})
 
 
 def main() -> None:
@@ -157,19 +67,19 @@ def main() -> None:
     chosen = args.fold or all_folds
     if not args.fold and ddp.is_main():
         remove_stale_folds(out, all_folds, refit=p["refit"])
-    common = model_kwargs(params, args.backbone)
+    teacher = Teacher.from_params(params, args.backbone)
     seconds = {}
     for k in chosen:
         start = time.perf_counter()
-        train_fold(Path(args.prepared), folds_csv, out / f"fold{k}", fold=k,
-                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, k)), **common)
+        train_fold(Path(args.prepared), folds_csv, out / f"fold{k}", teacher, fold=k,
+                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, k)))
         seconds[f"fold{k}"] = round(time.perf_counter() - start, 1)
     if p["refit"] and args.fold:
         log.info("train.refit: the refit model is trained by a run over every fold (without --fold)")
     elif p["refit"]:
         start = time.perf_counter()
-        train_full(Path(args.prepared), folds_csv, out / "full", epochs=refit_epochs(out, all_folds),
-                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, "full")), **common)
+        train_full(Path(args.prepared), folds_csv, out / "full", teacher, epochs=refit_epochs(out, all_folds),
+                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, "full")))
         seconds["full"] = round(time.perf_counter() - start, 1)
     # This run's wall time per model (training, or only predicting when reused), for the headline metrics.
     if ddp.is_main():

@@ -3,6 +3,8 @@
 torch is not imported here: `pipeline.predict` applies the same views to numpy batches for ONNX Runtime."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 D4 = ["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"]
@@ -69,6 +71,18 @@ def apply_view(x, name: str, crop_scale: float = 0.875):
     if name.startswith("crop_"):
         return _crop(x, name[5:], crop_scale)
     raise ValueError(f"unknown TTA view {name!r}")
+
+
+@dataclass(frozen=True)
+class TTASpec:
+    """The test-time augmentation of a run: its views (groups expanded) and the crops' scale."""
+    views: tuple[str, ...] = ("identity",)
+    crop_scale: float = 0.875
+
+    @classmethod
+    def from_params(cls, tta: dict) -> "TTASpec":
+        """From params.yaml's tta section (or the copy a run recorded in data/ensemble/scores.json)."""
+        return cls(tuple(expand_views(tta["views"])), tta["crop_scale"])
 
 
 def expand_views(views: list[str]) -> list[str]:

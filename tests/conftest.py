@@ -106,8 +106,10 @@ def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathF
     from pipeline.engine import TrainConfig, fit
     from pipeline.export import export
     from pipeline.losses import LabelLoss
-    from pipeline.models import create_model, data_config, save_checkpoint
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.models import create_model, data_config
     from pipeline.transforms import AugParams, build_transform
+    from pipeline.tta import TTASpec
 
     work = tmp_path_factory.mktemp("exported")
     torch.manual_seed(0)
@@ -122,7 +124,7 @@ def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathF
     student.mkdir()
     save_checkpoint(student / "checkpoint.pt", model.eval(), arch="resnet10t", params={"img_size": PREPARED_SIZE},
                     epoch=2, metric={})
-    export(nndl_prepared.out, student, work / "export", views=["identity", "hflip", "crop_center"], crop_scale=0.875)
+    export(nndl_prepared.out, student, work / "export", tta=TTASpec(("identity", "hflip", "crop_center"), 0.875))
     return Exported(nndl_prepared, student, work / "export", json.loads((work / "export/scores.json").read_text()))
 
 

@@ -1,21 +1,25 @@
-"""`python -m pipeline.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors."""
+"""`python -m pipeline.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors, compile."""
 from __future__ import annotations
+
+import logging
 
 import pandas as pd
 import pytest
 
-from pipeline.bench import bench_plain
+from pipeline.ablations import bench_plain
 from pipeline.engine import TrainConfig
+from pipeline.models import ModelSpec
 from pipeline.transforms import AugParams
 
 
-def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nndl_prepared, tmp_path, capsys):
+def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nndl_prepared, tmp_path, caplog):
     cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, select_best=False, num_workers=0, device="cpu")
-    r = bench_plain(nndl_prepared.out, tmp_path, backbone="resnet10t", cfg=cfg, drop_rate=0.0,
-                    aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
+    with caplog.at_level(logging.INFO):
+        r = bench_plain(nndl_prepared.out, tmp_path, model=ModelSpec("resnet10t"), cfg=cfg,
+                        aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
     assert (r["train_images"], r["test_images"]) == (3000, 600)
     assert r["test_roc_auc"] > 0.85 and 0 < r["test_accuracy_se"] < 0.025  # two epochs learn; the SE of 600 cells
-    assert "test accuracy" in capsys.readouterr().out
+    assert "test accuracy" in caplog.text
     per_cell = pd.read_csv(tmp_path / "test.csv")  # for paired tests (pipeline.compare)
     assert len(per_cell) == 600 and per_cell["prob"].between(0, 1).all()
 
@@ -23,21 +27,22 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
 def test_plain_train_cells_sets_the_epochs_size(nndl_prepared, tmp_path):
     """--train-cells repeats (or cuts) the training cells to time an epoch of another data set's size."""
     cfg = TrainConfig(epochs=1, batch_size=64, ema_decay=0, select_best=False, num_workers=0, device="cpu")
-    r = bench_plain(nndl_prepared.out, tmp_path, backbone="resnet10t", cfg=cfg, drop_rate=0.0, train_cells=128,
+    r = bench_plain(nndl_prepared.out, tmp_path, model=ModelSpec("resnet10t"), cfg=cfg, train_cells=128,
                     aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
     assert r["train_images"] == 128 and r["test_images"] == 600
 
 
-def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared, tmp_path, capsys):
+def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared, tmp_path, caplog):
     import json
     from pathlib import Path
 
     import pandas as pd
 
-    from pipeline.bench import ablation_table, bench_ablate
+    from pipeline.ablations import ablation_table, bench_ablate
     from pipeline.folds import make_folds
     from pipeline.params import load_params, with_overrides
 
+    caplog.set_level(logging.INFO, logger="pipeline")
     index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
     make_folds(index[index["split"] == "train"].sample(n=300, random_state=0), n=2, group_by="patient",
                seed=0).to_csv(tmp_path / "folds.csv", index=False)
@@ -61,7 +66,7 @@ def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared,
     assert len(kept) == 2 and all(f.stat().st_mtime_ns == t for f, t in kept.items())
     assert tta["cv_accuracy"] != first["cv_accuracy"] or tta["cv_roc_auc"] != first["cv_roc_auc"]
     table = ablation_table(out / "ablations.jsonl", tmp_path / "ablations.csv", "resnet10t, 2 folds\n2 cores")
-    assert table["name"].tolist() == ["base", "tta_d4"] and "| base |" in capsys.readouterr().out
+    assert table["name"].tolist() == ["base", "tta_d4"] and "| base |" in caplog.text
     text = (tmp_path / "ablations.csv").read_text()
     assert text.startswith("# resnet10t, 2 folds\n# 2 cores\n")
     assert len(pd.read_csv(tmp_path / "ablations.csv", comment="#")) == 2
@@ -75,7 +80,7 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
 
     import pandas as pd
 
-    from pipeline.bench import bench_ablate
+    from pipeline.ablations import bench_ablate
     from pipeline.folds import make_folds
     from pipeline.params import load_params, with_overrides
 
@@ -101,7 +106,7 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
 def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path):
     import pandas as pd
 
-    from pipeline.bench import run_errors
+    from pipeline.error_analysis import run_errors
 
     index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
     tr, te = (index[index["split"] == s].head(10) for s in ("train", "test"))

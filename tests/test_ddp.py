@@ -15,15 +15,15 @@ import pytest
 import torch
 import yaml
 
+from pipeline import checkpoints
 from pipeline import distributed as ddp
 from pipeline import engine
-from pipeline import fingerprint as fp
+from pipeline.checkpoints import load_checkpoint
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset, load_cache, split_rows
 from pipeline.engine import TrainConfig
 from pipeline.folds import make_folds
 from pipeline.metrics import binary_metrics
-from pipeline.models import load_checkpoint
 from pipeline.params import with_overrides
 from helpers import dvc, project_copy, sha256
 
@@ -76,10 +76,10 @@ def test_train_batch_size_is_the_global_batch_split_over_the_processes(monkeypat
 
 
 def test_the_process_split_is_resume_only():
-    one, two = (engine.run_fingerprint(TrainConfig(world_size=n, sync_bn=n > 1), fp.make({"a": 1}, {"b": "c"}))
+    one, two = (checkpoints.run_fingerprint(TrainConfig(world_size=n, sync_bn=n > 1), checkpoints.fingerprint({"a": 1}, {"b": "c"}))
                 for n in (1, 2))
-    assert one["params"] == two["params"] and not fp.differences(one, two)  # a finished model is reused
-    assert fp.resume_only_differences(two, one) == [
+    assert one["params"] == two["params"] and not checkpoints.differences(one, two)  # a finished model is reused
+    assert checkpoints.resume_only_differences(two, one) == [
         "it was trained with 2 processes and this run has 1 (a half-trained run resumes only at the same process "
         "count)", "it was trained with train.sync_bn True and this run has False (a half-trained run resumes only "
         "with the same)"]

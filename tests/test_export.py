@@ -13,7 +13,7 @@ from pipeline.dataset import CellDataset, split_rows, targets
 from pipeline.engine import TrainConfig, predict
 from pipeline.export import int8_verdict
 from pipeline.images import normalize
-from pipeline.models import load_checkpoint
+from pipeline.checkpoints import load_checkpoint
 from pipeline.transforms import AugParams, build_transform
 
 # int8 against fp32 on the sample's 600 labelled test cells: the accuracy drop measured for this student was

@@ -16,7 +16,8 @@ import torch
 
 from pipeline.common import PipelineError, written_whole
 from pipeline.download import download
-from pipeline.models import create_model, read_checkpoint, save_checkpoint
+from pipeline.checkpoints import read_checkpoint, save_checkpoint
+from pipeline.models import create_model
 from pipeline.prepare import prepare
 
 

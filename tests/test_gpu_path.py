@@ -13,7 +13,8 @@ from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset, targets
 from pipeline.engine import TrainConfig, fit, predict
 from pipeline.losses import LabelLoss
-from pipeline.models import create_model, load_checkpoint, save_checkpoint
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.models import create_model
 from pipeline.transforms import AugParams, build_transform
 
 CPU = torch.device("cpu")

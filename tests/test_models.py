@@ -9,7 +9,8 @@ import timm
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.models import NUM_CLASSES, create_model, load_checkpoint, save_checkpoint
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.models import NUM_CLASSES, create_model
 
 ARCH = "resnet10t"
 

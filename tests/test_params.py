@@ -181,22 +181,22 @@ def test_a_bad_lr_by_backbone_value_names_its_entry(tmp_path, monkeypatch, capsy
 
 
 def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
-    from pipeline import fingerprint as fp
-    from pipeline.workflow import for_backbone, train_config
+    from pipeline import checkpoints
+    from pipeline.training import for_backbone, train_config
 
     params = with_value("train.lr_by_backbone", {"densenet121": 0.002})
     dense, res = for_backbone(params, "densenet121"), for_backbone(params, "resnet10t")
     assert train_config(dense["train"], 0).lr == 0.002 and train_config(res["train"], 0).lr == params["train"]["lr"]
     # Another backbone's entry is not part of a model's fingerprint: changing DenseNet's lr does not retrain ResNet.
     other = with_value("train.lr_by_backbone", {"densenet121": 0.001})
-    learned = lambda p, name: fp.learned_params(for_backbone(p, name), fp.TEACHER_PARAMS)
+    learned = lambda p, name: checkpoints.learned_params(for_backbone(p, name), checkpoints.TEACHER_PARAMS)
     assert learned(params, "resnet10t") == learned(other, "resnet10t")
     assert learned(params, "densenet121") != learned(other, "densenet121")
     assert "train.lr_by_backbone" not in learned(params, "densenet121")
-    # The train stage's fingerprints come through model_kwargs, which resolves the map itself.
-    from pipeline.train import model_kwargs
+    # The train stage's fingerprints come through Teacher.from_params, which resolves the map itself.
+    from pipeline.teachers import Teacher
 
-    kept = model_kwargs(params, "densenet121")["learned"]
+    kept = Teacher.from_params(params, "densenet121").learned
     assert kept["train.lr"] == 0.002 and not any(k.startswith("train.lr_by_backbone") for k in kept)
 
 

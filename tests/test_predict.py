@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.dataset import CellDataset, targets
 from pipeline.engine import TrainConfig, predict
 from pipeline.images import decode
-from pipeline.models import load_checkpoint
+from pipeline.checkpoints import load_checkpoint
 from pipeline.transforms import AugParams, build_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,8 @@ def test_ensemble_tta_uses_the_views_its_run_recorded_not_todays_params(exported
 
 def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data, tmp_path):
     """With train.refit the submission came from full/: predict uses it, not the (here different) fold models."""
-    from pipeline.models import create_model, save_checkpoint
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.models import create_model
 
     models, ensemble = tmp_path / "models", tmp_path / "ensemble"
     other = create_model("resnet10t")

@@ -13,14 +13,16 @@ import pytest
 import torch
 import yaml
 
+from pipeline import checkpoints
 from pipeline import engine
-from pipeline import fingerprint as fp
-from pipeline.distill import distill
+from pipeline.checkpoints import save_checkpoint
+from pipeline.distill import Recipe, distill
 from pipeline.engine import TrainConfig
 from pipeline.folds import make_folds
-from pipeline.models import create_model, save_checkpoint
-from pipeline.train import train_fold
+from pipeline.models import ModelSpec, create_model
+from pipeline.teachers import Teacher, train_fold
 from pipeline.transforms import AugParams
+from pipeline.tta import TTASpec
 from helpers import sha256, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,32 +35,32 @@ CFG = TrainConfig(epochs=2, batch_size=32, num_workers=0, device="cpu", seed=5, 
     ("train.pretrained", True), ("train.drop_rate", 0.3), ("train.seed", 1), ("augment.flip", 0.0),
     ("augment.rotate", 45)])
 def test_learning_params_change_the_fingerprint(key, value):
-    for keys in (fp.TEACHER_PARAMS, fp.STUDENT_PARAMS):
-        diff = fp.differences(fp.make(fp.learned_params(PARAMS, keys), {}),
-                              fp.make(fp.learned_params(with_value(key, value), keys), {}))
+    for keys in (checkpoints.TEACHER_PARAMS, checkpoints.STUDENT_PARAMS):
+        diff = checkpoints.differences(checkpoints.fingerprint(checkpoints.learned_params(PARAMS, keys), {}),
+                              checkpoints.fingerprint(checkpoints.learned_params(with_value(key, value), keys), {}))
         assert diff and key in diff[0], diff
 
 
 @pytest.mark.parametrize("key,value", [("distill.alpha", 0.9), ("distill.temperature", 4.0), ("distill.epochs", 2),
                                        ("distill.student", "resnet18"), ("distill.teacher", "ensemble")])
 def test_distill_params_change_only_the_students_fingerprint(key, value):
-    student = [fp.make(fp.learned_params(p, fp.STUDENT_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
-    teacher = [fp.make(fp.learned_params(p, fp.TEACHER_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
-    assert fp.differences(*student) and not fp.differences(*teacher)
+    student = [checkpoints.fingerprint(checkpoints.learned_params(p, checkpoints.STUDENT_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
+    teacher = [checkpoints.fingerprint(checkpoints.learned_params(p, checkpoints.TEACHER_PARAMS), {}) for p in (PARAMS, with_value(key, value))]
+    assert checkpoints.differences(*student) and not checkpoints.differences(*teacher)
 
 
 @pytest.mark.parametrize("key,value", [("tta.views", ["d4"]), ("tta.crop_scale", 0.8), ("train.num_workers", 4),
                                        ("train.device", "cuda"), ("train.backbones", ["resnet18"]),
                                        ("distill.timing_images", 16), ("data.competition", "other")])
 def test_inference_only_params_keep_the_fingerprint(key, value):
-    for keys in (fp.TEACHER_PARAMS, fp.STUDENT_PARAMS):
-        assert not fp.differences(fp.make(fp.learned_params(PARAMS, keys), {}),
-                                  fp.make(fp.learned_params(with_value(key, value), keys), {}))
+    for keys in (checkpoints.TEACHER_PARAMS, checkpoints.STUDENT_PARAMS):
+        assert not checkpoints.differences(checkpoints.fingerprint(checkpoints.learned_params(PARAMS, keys), {}),
+                                  checkpoints.fingerprint(checkpoints.learned_params(with_value(key, value), keys), {}))
 
 
 def test_a_last_pt_without_fingerprint_is_named_not_a_crash():
-    assert "no fingerprint" in fp.differences(None, fp.make({}, {}))[0]
-    assert fp.differences(fp.make({"a": 1}, {"images.npy": "x"}), fp.make({"a": 1}, {"images.npy": "y"})) == \
+    assert "no fingerprint" in checkpoints.differences(None, checkpoints.fingerprint({}, {}))[0]
+    assert checkpoints.differences(checkpoints.fingerprint({"a": 1}, {"images.npy": "x"}), checkpoints.fingerprint({"a": 1}, {"images.npy": "y"})) == \
         ["images.npy content changed"]
 
 
@@ -75,9 +77,9 @@ def small(nndl_prepared, tmp_path_factory) -> Path:
 
 def run(root: Path, out: Path, *, cfg=CFG, aug=AugParams(), pretrained=False, weights_dir="", drop_rate=0.0,
         learned=None, views=("identity",)) -> dict:
-    return train_fold(root / "prepared", root / "folds.csv", out, backbone="resnet10t", fold=0, cfg=cfg, aug=aug,
-                      pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate, views=list(views),
-                      crop_scale=0.875, params={"test": True}, learned=learned or {"drop_rate": drop_rate})
+    model = ModelSpec("resnet10t", pretrained=pretrained, weights_dir=weights_dir, drop_rate=drop_rate)
+    teacher = Teacher(model, aug, TTASpec(tuple(views), 0.875), learned or {"drop_rate": drop_rate}, {"test": True})
+    return train_fold(root / "prepared", root / "folds.csv", out, teacher, fold=0, cfg=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +226,12 @@ def fake_ensemble(d: Path, prepared: Path, noise: float = 0.0, method: str = "me
 
 def test_the_student_is_keyed_on_what_its_targets_come_from_not_their_float_values(few_cells, tmp_path, caplog):
     out, models, ensemble = tmp_path / "student", tmp_path / "models", tmp_path / "ensemble"
-    kwargs = dict(student="resnet10t", alpha=0.5, temperature=2.0, cfg=replace(CFG, epochs=1, select_best=False),
-                  aug=AugParams(), pretrained=False, weights_dir="", drop_rate=0.0, views=["identity"],
-                  crop_scale=0.875, teacher_column="ensemble_tta", timing_images=8, params={"test": True},
-                  learned={"distill.alpha": 0.5}, backbones=["resnet10t"])
-    teachers = {k: fp.make({"model.fold": k}, {"images.npy": "abc"}) for k in (0, 1)}
+    kwargs = dict(student=ModelSpec("resnet10t", weights_dir=""),
+                  recipe=Recipe(alpha=0.5, temperature=2.0, teacher_column="ensemble_tta", unlabelled="none",
+                                label_noise="keep", timing_images=8),
+                  cfg=replace(CFG, epochs=1, select_best=False), aug=AugParams(), tta=TTASpec(("identity",), 0.875),
+                  params={"test": True}, learned={"distill.alpha": 0.5}, backbones=["resnet10t"])
+    teachers = {k: checkpoints.fingerprint({"model.fold": k}, {"images.npy": "abc"}) for k in (0, 1)}
     for k, f in teachers.items():
         fake_teacher(models, k, f)
 
@@ -252,7 +255,7 @@ def test_the_student_is_keyed_on_what_its_targets_come_from_not_their_float_valu
     second = sha256(out / "checkpoint.pt")
     assert second != first
     # A teacher trained on other inputs (its fingerprint changed): retrained, naming it.
-    fake_teacher(models, 1, fp.make({"model.fold": 1}, {"images.npy": "def"}))
+    fake_teacher(models, 1, checkpoints.fingerprint({"model.fold": 1}, {"images.npy": "def"}))
     log = again(method="weighted", threshold=0.42)
     reason = log.split("Setting aside", 1)[1].splitlines()[0] if "Setting aside" in log else log
     assert "teacher.resnet10t/fold1.fingerprint" in reason and "fold0" not in reason, reason

@@ -14,10 +14,11 @@ from pipeline.download import download
 from pipeline.engine import TrainConfig, fit
 from pipeline.folds import make_folds
 from pipeline.losses import LabelLoss
-from pipeline.models import create_model, data_config
+from pipeline.models import ModelSpec, create_model, data_config
 from pipeline.prepare import prepare
-from pipeline.train import train_fold
+from pipeline.teachers import Teacher, train_fold
 from pipeline.transforms import AugParams, build_transform
+from pipeline.tta import TTASpec
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def subset_folds(prepared: Path, out: Path, n_images: int, n_folds: int = 3, see
 
 
 def run_fold(prepared, folds_csv, out, cfg, views=("identity",)):
-    return train_fold(prepared, folds_csv, out, backbone="resnet10t", fold=0, cfg=cfg, aug=AugParams(),
-                      pretrained=False, weights_dir="", drop_rate=0.0, views=list(views), crop_scale=0.875,
-                      params={"test": True})
+    teacher = Teacher(ModelSpec("resnet10t", weights_dir=""), AugParams(), TTASpec(tuple(views), 0.875), {},
+                      {"test": True})
+    return train_fold(prepared, folds_csv, out, teacher, fold=0, cfg=cfg)
 
 
 def test_tiny_backbone_learns_real_cells(real64, tmp_path):
@@ -146,14 +147,17 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
 
 
+PLAIN = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # a normalisation FakePredict never looks at
+
+
 class FakePredict:
     """predict() stand-in: the pixels' mean is the probability, so a wrong row or split shows in the CSV."""
 
     def __init__(self, monkeypatch):
-        from pipeline import workflow
+        from pipeline import predictions
 
         self.calls = []
-        monkeypatch.setattr(workflow, "predict", self)
+        monkeypatch.setattr(predictions, "predict", self)
 
     def __call__(self, model, ds, cfg, device, names, crop_scale, desc="", shard=False):
         self.calls.append(desc)
@@ -162,13 +166,13 @@ class FakePredict:
 
 def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, monkeypatch):
     """The public layout's hidden set is its test holdout: one pass serves test.csv and hidden.csv."""
-    from pipeline.workflow import write_split_predictions
+    from pipeline.predictions import write_split_predictions
 
     fake, cfg = FakePredict(monkeypatch), TrainConfig(num_workers=0, device="cpu")
     public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
     out = tmp_path / "out"
     out.mkdir()
-    tables = write_split_predictions(None, public.images, public.index, out, cfg, ["identity"], 0.875, None)
+    tables = write_split_predictions(None, public.images, public.index, out, cfg, TTASpec(), PLAIN)
     assert fake.calls == ["test"]
     assert (out / "hidden.csv").read_bytes() == (out / "test.csv").read_bytes()
     hidden = public.index[public.index["split"] == "hidden"]
@@ -179,16 +183,16 @@ def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, 
     fake.calls.clear()  # the same names with another content digest are other images: predicted again
     changed = public.index.copy()
     changed.loc[hidden.index[0], "hash"] = "0" * 40
-    write_split_predictions(None, public.images, changed, out, cfg, ["identity"], 0.875, None)
+    write_split_predictions(None, public.images, changed, out, cfg, TTASpec(), PLAIN)
     assert fake.calls == ["test", "hidden"]
 
 
 def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path, monkeypatch):
     """The competition bundle's hidden set is its own images: both splits are predicted."""
-    from pipeline.workflow import write_split_predictions
+    from pipeline.predictions import write_split_predictions
 
     fake = FakePredict(monkeypatch)
     tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, TrainConfig(
-        num_workers=0, device="cpu"), ["identity"], 0.875, None)
+        num_workers=0, device="cpu"), TTASpec(), PLAIN)
     assert fake.calls == ["test", "hidden"]
     assert set(tables["hidden"]["img_name"]).isdisjoint(tables["test"]["img_name"])

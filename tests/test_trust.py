@@ -12,22 +12,24 @@ import pytest
 import timm
 import torch
 
+from pipeline import checkpoints
 from pipeline import distributed as ddp
 from pipeline import engine
-from pipeline import fingerprint as fp
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.common import PipelineError
 from pipeline.dataset import CellDataset, targets
 from pipeline.distill import ms_per_image
 from pipeline.engine import TrainConfig
 from pipeline.export import export
 from pipeline.losses import LabelLoss
-from pipeline.models import (TRUST_ENV, UntrustedCheckpoint, create_model, data_config, load_checkpoint,
-                             read_checkpoint, read_weights, save_checkpoint)
+from pipeline.models import create_model, data_config, read_weights
 from pipeline.params import load_params
 from pipeline.predict import ensemble_probs, image_size
 from pipeline.train import refit_epochs
+from pipeline.training import train_logged
 from pipeline.transforms import AugParams, build_transform
-from pipeline.workflow import train_logged
+from pipeline.tta import TTASpec
+from pipeline.weights_only import TRUST_ENV, UntrustedCheckpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet10t"
@@ -81,10 +83,10 @@ def test_the_planted_file_runs_its_code_when_unpickled_in_full(tmp_path):
 
 
 def test_resume_sets_aside_a_last_pt_that_is_not_weights_only(tmp_path, marker, caplog):
-    current = engine.run_fingerprint(CFG, None)
+    current = checkpoints.run_fingerprint(CFG, None)
     last = plant(tmp_path / "last.pt", marker, {"fingerprint": current, "state": {"epoch": 1, "done": False}})
     with caplog.at_level(logging.WARNING):
-        assert engine.resume_state(last, current) is None
+        assert checkpoints.resume_state(last, current) is None
     line = next(r.getMessage() for r in caplog.records if "Setting aside" in r.getMessage())
     assert str(last) in line and "not weights only" in line and "pathlib" in line, line
     assert not last.exists()
@@ -92,7 +94,7 @@ def test_resume_sets_aside_a_last_pt_that_is_not_weights_only(tmp_path, marker, 
 
 def test_other_ranks_reload_last_pt_weights_only(tmp_path, marker, monkeypatch):
     """Under DDP the ranks other than 0 read the last.pt rank 0 accepted; they too read it weights only."""
-    last = plant(tmp_path / "last.pt", marker, {"fingerprint": engine.run_fingerprint(CFG, None)})
+    last = plant(tmp_path / "last.pt", marker, {"fingerprint": checkpoints.run_fingerprint(CFG, None)})
     monkeypatch.setattr(ddp, "is_main", lambda: False)
     monkeypatch.setattr(ddp, "broadcast", lambda obj: True)  # rank 0 said: resume from it
     with pytest.raises(UntrustedCheckpoint, match=re.escape(str(last))):
@@ -101,17 +103,17 @@ def test_other_ranks_reload_last_pt_weights_only(tmp_path, marker, monkeypatch):
 
 @pytest.mark.parametrize("planted", ["checkpoint.pt", "last.pt"])
 def test_reuse_sets_aside_a_fold_that_is_not_weights_only_and_retrains(planted, tmp_path, marker, caplog):
-    """The reuse check (workflow.train_logged) reads both files of a finished fold: a planted one is never run, the
+    """The reuse check (training.train_logged) reads both files of a finished fold: a planted one is never run, the
     fold retrains, and the log line names the file and why."""
     out = tmp_path / "fold0"
     out.mkdir()
     p = load_params(ROOT / "params.yaml")  # real params in the checkpoint: plain types, weights-only loadable
     params = {"train": p["train"], "augment": p["augment"], "img_size": 32}
-    fingerprint = fp.make({"model.fold": 0}, {"images.npy": "digest"})
+    fingerprint = checkpoints.fingerprint({"model.fold": 0}, {"images.npy": "digest"})
     files = {"checkpoint.pt": {"arch": ARCH, "params": params, "epoch": 1, "metric": {}, "fingerprint": fingerprint,
                                "data_config": data_config(create_model(ARCH)),
                                "state_dict": create_model(ARCH).state_dict()},
-             "last.pt": {"fingerprint": engine.run_fingerprint(CFG, fingerprint),
+             "last.pt": {"fingerprint": checkpoints.run_fingerprint(CFG, fingerprint),
                          "state": {"epoch": 1, "best": {"epoch": 1}, "best_epoch": 1, "bad_epochs": 0, "done": True,
                                    "history": []}}}
     for name, content in files.items():
@@ -165,7 +167,7 @@ def test_distill_refuses_a_teacher_that_is_not_weights_only(tmp_path, marker, ch
 def test_export_refuses_a_student_that_is_not_weights_only(tmp_path, marker, checkpoint):
     bad = plant(tmp_path / "student" / "checkpoint.pt", marker, checkpoint)
     with pytest.raises(UntrustedCheckpoint, match=re.escape(str(bad))):
-        export(tmp_path / "prepared", tmp_path / "student", tmp_path / "export", views=["identity"], crop_scale=0.875)
+        export(tmp_path / "prepared", tmp_path / "student", tmp_path / "export", tta=TTASpec(("identity",), 0.875))
     assert not (tmp_path / "export").exists()
 
 
@@ -202,13 +204,13 @@ def test_a_trusted_file_loads_only_with_the_environment_switch(tmp_path, checkpo
     with pytest.raises(UntrustedCheckpoint, match="numpy") as e:
         load_checkpoint(path)
     assert str(path) in str(e.value) and f"{TRUST_ENV}=1" in str(e.value)
-    before = engine.run_fingerprint(CFG, None)
+    before = checkpoints.run_fingerprint(CFG, None)
     monkeypatch.setenv(TRUST_ENV, "1")
     with caplog.at_level(logging.WARNING):
         model, ck = load_checkpoint(path)
     assert ck["metric"]["val_accuracy"] == 0.9 and isinstance(model, torch.nn.Module)
     assert str(path) in caplog.text and TRUST_ENV in caplog.text
-    assert engine.run_fingerprint(CFG, None) == before
+    assert checkpoints.run_fingerprint(CFG, None) == before
     assert TRUST_ENV not in (ROOT / "params.yaml").read_text()
 
 

@@ -1,0 +1,125 @@
+"""The bar and the switches, scored on the labelled test set: `plain` trains the simplest competitor (one network on
+all training cells), `ablate` one switch over the train stage's folds (CV, test, minutes), each with a paired test
+(McNemar) against a reference run; `table` gathers the ablation rows for the report."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import seed_everything
+from pipeline.compare import labels_by_name, paired, summary
+from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.engine import TrainConfig, fit, predict, resolve_device
+from pipeline.losses import LabelLoss
+from pipeline.metrics import accuracy_se, binary_metrics
+from pipeline.models import ModelSpec, data_config
+from pipeline.predictions import eval_dataset
+from pipeline.teachers import Teacher, train_fold
+from pipeline.training import derived_seed, for_backbone, train_config
+from pipeline.transforms import AugParams, build_transform
+
+log = logging.getLogger(__name__)
+
+
+def bench_plain(prepared: Path, out: Path, *, model: ModelSpec, cfg: TrainConfig, aug: AugParams,
+                train_cells: int | None = None) -> dict:
+    """The bar every piece of machinery must clear: one network trained on all training cells with the pipeline's
+    own loop (no folds, no TTA, the last epoch kept), scored on the labelled test set. `train_cells`: repeat the
+    training cells up to that many, to time an epoch of a bigger data set (its score then means nothing new)."""
+    index, images = load_cache(prepared)
+    tr, te = split_rows(index, "train"), split_rows(index, "test")
+    if train_cells:
+        tr = np.resize(tr, train_cells)  # cyclic repeat of the training rows
+    labels = index["label"].to_numpy(dtype=float)
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    spec, backbone = model, model.backbone
+    model = spec.create()
+    norm = data_config(model)
+    train_ds = CellDataset(images[tr], targets(labels[tr]), build_transform(True, aug, **norm), seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "last.pt").unlink(missing_ok=True)  # a benchmark always trains from scratch
+    fit(model, train_ds, None, None, LabelLoss(cfg.label_smoothing), cfg, out)
+    p = predict(model, eval_dataset(images[te], norm), cfg, resolve_device(cfg.device))[:, 0]
+    m = binary_metrics(labels[te].astype(int), p)
+    se = accuracy_se(m["accuracy"], len(te))
+    result = {"backbone": backbone, "pretrained": spec.pretrained, "img_size": int(images.shape[1]), "epochs": cfg.epochs,
+              "seed": cfg.seed, "train_images": len(tr), "test_images": len(te),
+              "test_accuracy": m["accuracy"], "test_accuracy_se": se, "test_roc_auc": m["roc_auc"],
+              "minutes": (time.perf_counter() - start) / 60}
+    # Per-cell, for paired tests against other runs (python -m pipeline.compare).
+    pd.DataFrame({"img_name": index["img_name"].to_numpy()[te], "prob": p}).to_csv(out / "test.csv", index=False,
+                                                                                   float_format="%.6f")
+    log.info("plain %s, %d epochs on %d cells at %d px: test accuracy %.4f ± %.4f (AUC %.4f) on %d cells in %.2f min",
+             backbone, cfg.epochs, len(tr), images.shape[1], m["accuracy"], se, m["roc_auc"], len(te),
+             result["minutes"])
+    return result
+
+
+def against(row: dict, run: Path, reference: Path | None, prepared: Path) -> dict:
+    """Add the paired test of `run` against `reference` (a bench folder or a run's submission file) to `row`."""
+    if reference is None:
+        return row
+    r = paired(run, reference, prepared)
+    row.update(reference=str(reference), reference_accuracy=r["b"]["accuracy"], only_this=r["only_a"],
+               only_reference=r["only_b"], mcnemar_p=r["mcnemar_p"])
+    log.info("%s", summary(r))
+    return row
+
+
+def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name: str, sets: list[str],
+                 reference: Path | None = None) -> dict:
+    """One ablation row: the first of train.backbones on every fold of folds_csv with these params (the train stage's
+    own train_fold and seeds; finished folds are reused, so a TTA-only change only re-predicts): OOF accuracy and
+    AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, minutes, and the
+    paired test against `reference` (the base row's run folder, say)."""
+    backbone = params["train"]["backbones"][0]
+    params = for_backbone(params, backbone)
+    p, teacher = params["train"], Teacher.from_params(params, backbone)
+    index, _ = load_cache(prepared)
+    label = labels_by_name(index)
+    start = time.perf_counter()
+    for k in sorted(pd.read_csv(folds_csv)["fold"].unique()):
+        train_fold(prepared, folds_csv, out / f"fold{k}", teacher, fold=int(k),
+                   cfg=train_config(p, derived_seed(p["seed"], backbone, int(k))))
+    minutes = (time.perf_counter() - start) / 60
+    read = lambda f: pd.read_csv(f, dtype={"img_name": str})
+    oof = pd.concat(read(f) for f in sorted(out.glob("fold*/oof.csv")))
+    tests = [read(f) for f in sorted(out.glob("fold*/test.csv"))]
+    test_prob = np.mean([t["prob_tta"].to_numpy() for t in tests], 0)
+    cv = binary_metrics(label[oof["img_name"]].to_numpy(int), oof["prob_tta"].to_numpy())
+    test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)
+    predictions = out.parent / "predictions" / f"{name}.csv"  # this row's own: a TTA-only row shares the run folder
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"img_name": tests[0]["img_name"], "prob": test_prob}).to_csv(predictions, index=False,
+                                                                               float_format="%.6f")
+    row = {"name": name, "set": sets, "backbone": backbone, "seed": p["seed"], "cv_accuracy": cv["accuracy"],
+           "cv_accuracy_se": accuracy_se(cv["accuracy"], len(oof)), "cv_roc_auc": cv["roc_auc"],
+           "test_accuracy": test["accuracy"],
+           "test_accuracy_se": accuracy_se(test["accuracy"], len(test_prob)), "test_roc_auc": test["roc_auc"],
+           "minutes": minutes}
+    row = against(row, predictions, reference, prepared)
+    with open(out.parent / "ablations.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info("| %s | %s | %.3f ± %.3f (%.3f) | %.3f ± %.3f (%.3f) | %.1f |", name, " ".join(sets) or "(base)",
+             cv["accuracy"], row["cv_accuracy_se"], cv["roc_auc"], test["accuracy"], row["test_accuracy_se"],
+             test["roc_auc"], minutes)
+    return row
+
+
+def ablation_table(rows_jsonl: Path, out_csv: Path, note: str) -> pd.DataFrame:
+    """The ablation rows (the last of each name) as the CSV the report shows, `note` (the shared configuration and the
+    machine) in its # header lines."""
+    rows = [json.loads(line) for line in rows_jsonl.read_text().splitlines() if line.strip()]
+    table = pd.DataFrame(list({r["name"]: r for r in rows}.values()))
+    table["set"] = table["set"].map(lambda s: " ".join(s) or "(the base configuration)")
+    cols = ["name", "set", "seed", "cv_accuracy", "cv_accuracy_se", "cv_roc_auc", "test_accuracy", "test_accuracy_se",
+            "test_roc_auc", "minutes"]
+    header = "".join(f"# {line}\n" for line in note.splitlines())
+    out_csv.write_text(header + table[cols].to_csv(index=False, float_format="%.4f"))
+    return table[cols]

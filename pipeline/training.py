@@ -1,0 +1,90 @@
+"""Training a model in a stage (teachers and student alike): its config and seed from params, its processes (DDP),
+and fit() with its curves and kept checkpoint, resumed or reused when the files belong to this run."""
+from __future__ import annotations
+
+import logging
+import sys
+import zlib
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from pipeline import distributed as ddp
+from pipeline.checkpoints import kept_differences, load_checkpoint, run_fingerprint, save_checkpoint, set_aside
+from pipeline.engine import TrainConfig, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def for_backbone(params: dict, backbone: str) -> dict:
+    """params as one model sees them: train.lr is train.lr_by_backbone's entry for `backbone` when it has one, and the
+    map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be)."""
+    t = {k: v for k, v in params["train"].items() if k != "lr_by_backbone"}
+    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])  # idempotent: the map is gone after
+    return {**params, "train": t}
+
+
+def train_config(p: dict, seed: int, **overrides) -> TrainConfig:
+    """TrainConfig from a params section (train: or distill:), keeping only the keys it knows."""
+    known = {f.name for f in fields(TrainConfig)}
+    # sync_bn means nothing in one process: it must not make a one-process run differ from another (resume).
+    return TrainConfig(**{**{k: v for k, v in p.items() if k in known}, "seed": seed, "world_size": ddp.world(),
+                          **({"sync_bn": False} if ddp.world() == 1 else {}), **overrides})
+
+
+def start_processes(module: str, p: dict) -> bool:
+    """DDP for a training stage (`p` its train: params): under torchrun join the process group and return False (go
+    on); when train.gpus asks for more than one process, re-run this stage under torchrun and return True (the
+    caller is done); otherwise False (one process)."""
+    if ddp.launched():
+        ddp.init(resolve_device(p["device"]).type)
+        return False
+    n = ddp.processes_wanted(p["gpus"], p["device"])
+    if n > 1:
+        ddp.local_batch(p["batch_size"], n)  # a global batch the processes cannot share stops here, before torchrun
+        ddp.relaunch(module, sys.argv[1:], n)
+        return True
+    return False
+
+
+def derived_seed(seed: int, *parts) -> int:
+    """A stable per-(backbone, fold) seed (Python's hash() is salted per process)."""
+    return (seed + zlib.crc32("/".join(map(str, parts)).encode())) % 2**31
+
+
+def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
+                 params: dict, fingerprint: dict) -> tuple[dict, torch.nn.Module]:
+    """fit() with dvclive curves in out/live and the kept checkpoint in out/checkpoint.pt; returns the kept
+    epoch's metrics and the model rebuilt from that checkpoint (teachers and student alike).
+
+    `fingerprint` (pipeline.checkpoints.fingerprint) names everything the weights depend on: last.pt is resumed and
+    checkpoint.pt reused only when it is unchanged, and a half-trained last.pt only at the process count (and
+    train.sync_bn) it was trained with."""
+    try:
+        from dvclive import Live  # imported late: it is slow to import and only the stages need it
+    except ImportError:  # a machine without DVC (docs/gpu.md, `wheelhouse --without-dvc`): no curves, same model
+        Live = None
+    ckpt, last = out / "checkpoint.pt", out / "last.pt"
+    # The kept checkpoint belongs to last.pt's run: if it was trained on other inputs (or is gone), so was last.pt.
+    run = run_fingerprint(cfg, fingerprint)
+    if ddp.is_main() and last.is_file() and (diff := kept_differences(ckpt, last, fingerprint, run)):
+        set_aside(last, diff)
+    ddp.barrier()
+    save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric,
+                                                    extra={"fingerprint": fingerprint})
+    if not ddp.is_main():  # rank 0 writes the curves and the checkpoint
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, None, fingerprint)
+        model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+        return best, model
+    if Live is None:
+        log.warning("dvclive is not installed: %s gets no training curves (pip install dvclive)", out)
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, save, fingerprint)
+        return best, load_checkpoint(ckpt, resolve_device(cfg.device))[0]
+    # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.
+    with Live(dir=str(out / "live"), resume=False, dvcyaml=None, save_dvc_exp=False) as live:
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save, fingerprint)
+        for k, v in best.items():
+            live.summary[k] = v
+    model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
+    return best, model
