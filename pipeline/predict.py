@@ -127,7 +127,7 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     if tta and tta_params is None:
         raise PipelineError(f"{scores} does not say which TTA views its run used (it was written before they were "
                             "recorded): run `dvc repro ensemble`, or predict without --tta.")
-    spec = TTASpec.from_params(tta_params) if tta else TTASpec(("identity",), 1.0)
+    spec = TTASpec.from_params(tta_params) if tta else TTASpec()  # the identity view alone
     cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
     columns = [backbone_probs(models_dir, b, b in refit, images, spec, cfg) for b in chosen["weights"]]
     return blend(np.stack(columns, 1), np.asarray(list(chosen["weights"].values()))), chosen["threshold"]
