@@ -11,53 +11,42 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import seed_everything
+from pipeline.checkpoints import set_aside
 from pipeline.compare import labels_by_name, paired, summary
-from pipeline.dataset import CellDataset, load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, fit, predict, resolve_device
-from pipeline.losses import LabelLoss
+from pipeline.dataset import load_cache, split_rows
+from pipeline.engine import TrainConfig
 from pipeline.metrics import accuracy_se, binary_metrics
-from pipeline.models import ModelSpec, data_config
-from pipeline.predictions import eval_dataset
-from pipeline.teachers import Teacher, train_fold
+from pipeline.teachers import Teacher, train_all, train_fold
 from pipeline.training import derived_seed, for_backbone, train_config
-from pipeline.transforms import AugParams, build_transform
 
 log = logging.getLogger(__name__)
 
 
-def bench_plain(prepared: Path, out: Path, *, model: ModelSpec, cfg: TrainConfig, aug: AugParams,
-                train_cells: int | None = None) -> dict:
-    """The bar every piece of machinery must clear: one network trained on all training cells with the pipeline's
-    own loop (no folds, no TTA, the last epoch kept), scored on the labelled test set. `train_cells`: repeat the
-    training cells up to that many, to time an epoch of a bigger data set (its score then means nothing new)."""
-    index, images = load_cache(prepared)
+def bench_plain(prepared: Path, out: Path, *, teacher: Teacher, cfg: TrainConfig, train_cells: int | None = None
+                ) -> dict:
+    """The bar every piece of machinery must clear: one network trained on all training cells exactly as the train
+    stage trains it without folds (teachers.train_all: the stage's seed, the last epoch kept), always from scratch,
+    scored without TTA on the labelled test set. `train_cells`: repeat the training cells up to that many, to time an
+    epoch of a bigger data set (its score then means nothing new)."""
+    index, _ = load_cache(prepared)
     tr, te = split_rows(index, "train"), split_rows(index, "test")
     if train_cells:
         tr = np.resize(tr, train_cells)  # cyclic repeat of the training rows
-    labels = index["label"].to_numpy(dtype=float)
+    if (out / "last.pt").is_file():
+        set_aside(out / "last.pt", ["a benchmark always trains from scratch"])
     start = time.perf_counter()
-    seed_everything(cfg.seed)
-    spec, backbone = model, model.backbone
-    model = spec.create()
-    norm = data_config(model)
-    train_ds = CellDataset(images[tr], targets(labels[tr]), build_transform(True, aug, **norm), seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "last.pt").unlink(missing_ok=True)  # a benchmark always trains from scratch
-    fit(model, train_ds, None, None, LabelLoss(cfg.label_smoothing), cfg, out)
-    p = predict(model, eval_dataset(images[te], norm), cfg, resolve_device(cfg.device))[:, 0]
-    m = binary_metrics(labels[te].astype(int), p)
+    train_all(prepared, out, teacher, cfg=cfg, rows=tr)
+    minutes = (time.perf_counter() - start) / 60
+    test = pd.read_csv(out / "test.csv", dtype={"img_name": str})
+    labels = labels_by_name(index)[test["img_name"]].to_numpy(int)
+    m = binary_metrics(labels, test["prob"].to_numpy())
     se = accuracy_se(m["accuracy"], len(te))
-    result = {"backbone": backbone, "pretrained": spec.pretrained, "img_size": int(images.shape[1]), "epochs": cfg.epochs,
-              "seed": cfg.seed, "train_images": len(tr), "test_images": len(te),
-              "test_accuracy": m["accuracy"], "test_accuracy_se": se, "test_roc_auc": m["roc_auc"],
-              "minutes": (time.perf_counter() - start) / 60}
-    # Per-cell, for paired tests against other runs (python -m pipeline.compare).
-    pd.DataFrame({"img_name": index["img_name"].to_numpy()[te], "prob": p}).to_csv(out / "test.csv", index=False,
-                                                                                   float_format="%.6f")
+    spec = teacher.model
+    result = {"backbone": spec.backbone, "pretrained": spec.pretrained, "img_size": int(teacher.params["img_size"]),
+              "epochs": cfg.epochs, "seed": cfg.seed, "train_images": len(tr), "test_images": len(te),
+              "test_accuracy": m["accuracy"], "test_accuracy_se": se, "test_roc_auc": m["roc_auc"], "minutes": minutes}
     log.info("plain %s, %d epochs on %d cells at %d px: test accuracy %.4f ± %.4f (AUC %.4f) on %d cells in %.2f min",
-             backbone, cfg.epochs, len(tr), images.shape[1], m["accuracy"], se, m["roc_auc"], len(te),
-             result["minutes"])
+             spec.backbone, cfg.epochs, len(tr), result["img_size"], m["accuracy"], se, m["roc_auc"], len(te), minutes)
     return result
 
 

@@ -22,9 +22,10 @@ from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, compiled, resolve_device, setup_device, train_loader, workers
 from pipeline.error_analysis import run_errors
 from pipeline.losses import LabelLoss
-from pipeline.models import ModelSpec, create_model, data_config
+from pipeline.models import create_model, data_config
 from pipeline.params import load_params, with_overrides
-from pipeline.training import for_backbone, train_config
+from pipeline.teachers import Teacher
+from pipeline.training import derived_seed, for_backbone, train_config
 from pipeline.transforms import AugParams, build_transform
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,11 @@ def main() -> None:
     if args.what == "plain" and args.against is not None and args.against.resolve() == args.out.resolve():
         raise PipelineError(f"--against {args.against} is this run's own --out folder: name another run.")
     if args.what == "plain":
-        cfg = train_config(t, t["seed"], num_workers=workers, select_best=False,
+        # The train stage's own seed for this backbone's all-cells model (folds.n 0), so the bar is that model.
+        cfg = train_config(t, derived_seed(t["seed"], backbone, "full"), num_workers=workers,
                            **({"epochs": args.epochs} if args.epochs else {}))
-        row = bench_plain(args.prepared, args.out, model=ModelSpec.from_params(t, backbone), cfg=cfg,
-                          aug=AugParams(**params["augment"]), train_cells=args.train_cells)
+        row = bench_plain(args.prepared, args.out, teacher=Teacher.from_params(params, backbone), cfg=cfg,
+                          train_cells=args.train_cells)
         row = against(row, args.out, args.against, args.prepared)
         with open(args.out / "plain.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -2,6 +2,7 @@
 self-describing checkpoints, and whether a run resumes, reuses or sets aside the files it finds."""
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import logging
@@ -32,17 +33,42 @@ STUDENT_PARAMS = (*TEACHER_PARAMS, "distill")
 INFERENCE_ONLY = frozenset({"train.backbones", "train.device", "train.num_workers", "train.weights_dir",
                             "train.refit", "train.gpus", "train.sync_bn", "train.compile",
                             "distill.timing_images"})
-# The code that decides what a model learns: an edit to any of these (or other torch/timm versions) retrains.
+# The code that decides what a model learns: an edit to any of these retrains. Hashed as code (see code_digest), so
+# moving a module or editing its comments, docstrings or imports does not.
 TRAINING_CODE = ("engine.py", "losses.py", "batch_aug.py", "transforms.py", "dataset.py", "precision.py", "models.py",
-                 "weights_only.py", "checkpoints.py")
+                 "images.py")
+# Library builds a model was trained with: recorded and logged when they differ, never a reason to retrain (a model
+# trained in a Kaggle notebook's +cu12x torch is reused by a laptop's +cpu build).
+BUILDS = ("torch", "timm", "numpy", "PIL")
+# Each cached image's channel means (0-255, rounded) may move this much between decoder builds and still be the
+# same picture of the same cell (resampling rounds differently; another picture moves them by more).
+PIXEL_TOLERANCE = 1
 
 
+def _code_only(source: str) -> str:
+    """A module as code alone: its syntax tree without docstrings and import statements."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            body[:] = [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom)) and not (
+                isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str))]
+    return ast.dump(tree, annotate_fields=False)
+
+
+@functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 over the training code and the torch/timm versions."""
-    h = hashlib.sha256(f"torch {torch.__version__} timm {timm.__version__}".encode())
-    for name in TRAINING_CODE:
-        h.update((Path(__file__).parent / name).read_bytes())
-    return h.hexdigest()
+    """sha256 over the training code as code (comments, docstrings and imports aside), in no particular order."""
+    parts = sorted(hashlib.sha256(_code_only((Path(__file__).parent / name).read_text()).encode()).hexdigest()
+                   for name in TRAINING_CODE)
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def builds() -> dict[str, str]:
+    """The versions of the libraries whose builds may change a model's bytes but not what it learned."""
+    import importlib
+
+    return {name: str(getattr(importlib.import_module(name), "__version__", "?")) for name in BUILDS}
 
 
 def file_digest(path: str | Path) -> str:
@@ -75,16 +101,27 @@ def learned_params(params: dict, keys: Iterable[str] = TEACHER_PARAMS) -> dict[s
     return {k: v for k, v in sorted(out.items()) if k not in INFERENCE_ONLY}
 
 
-def fingerprint(params: dict[str, Any], inputs: dict[str, str], resume_only: dict[str, Any] | None = None) -> dict:
+def fingerprint(params: dict[str, Any], inputs: dict[str, str], resume_only: dict[str, Any] | None = None,
+                measured: dict[str, Any] | None = None) -> dict:
     """A fingerprint: flat learned params and the digests of the data inputs, by name; `resume_only`, how the run was
-    split over processes, which only a half-trained run must match to resume (see resume_only_differences)."""
+    split over processes, which only a half-trained run must match to resume (see resume_only_differences);
+    `measured`, the cached images' channel means (equal within PIXEL_TOLERANCE) and the library builds (logged)."""
     out = {"params": dict(params), "inputs": dict(inputs)}
+    if measured:
+        out["measured"] = dict(measured)
     return {**out, "resume_only": dict(resume_only)} if resume_only else out
+
+
+def model_fingerprint(params: dict[str, Any], prepared: Path, weights: str, folds_csv: Path | None = None) -> dict:
+    """The fingerprint of a model trained on the prepared cells (and the folds, for a fold model) from `weights`
+    (weights_digest) with these flat params."""
+    return fingerprint(params, {**data_digests(prepared, folds_csv), "weights": weights},
+                       measured={"pixels": pixel_means(prepared), "builds": builds()})
 
 
 def differences(old: dict | None, new: dict) -> list[str]:
     """What changed from `old` to `new`, one phrase each; empty when a run may resume (a half-trained one also needs
-    the same split over processes: resume_only_differences)."""
+    the same split over processes: resume_only_differences). Other library builds are no difference."""
     if not old:
         return ["it has no fingerprint (written before resume checks existed)"]
     out = []
@@ -94,7 +131,15 @@ def differences(old: dict | None, new: dict) -> list[str]:
             if a.get(k, "<unset>") != b.get(k, "<unset>"):
                 out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" if kind == "params"
                            else f"{k} content changed")
+    if _pixels_differ((old.get("measured") or {}).get("pixels"), (new.get("measured") or {}).get("pixels")):
+        out.append("the cached pixels changed (an image's channel means moved by more than decoder builds do)")
     return out
+
+
+def build_differences(old: dict | None, new: dict) -> list[str]:
+    """The libraries whose builds differ between two fingerprints, as `torch 2.11.0+cu128 -> 2.14.1+cpu`."""
+    a, b = ((f or {}).get("measured", {}).get("builds", {}) for f in (old, new))
+    return [f"{k} {a.get(k, '?')} -> {b.get(k, '?')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def resume_only_differences(old: dict | None, new: dict) -> list[str]:
@@ -115,10 +160,64 @@ def resume_only_differences(old: dict | None, new: dict) -> list[str]:
     return out
 
 
-def data_digests(prepared: Path, *files: Path) -> dict[str, str]:
-    """Content digests of the prepared cache and any other data file a model learns from (the folds CSV)."""
-    paths = [prepared / "images.npy", prepared / "index.csv", *files]
-    return {**{p.name: file_digest(p) for p in paths}, "training code": code_digest()}
+def data_digests(prepared: Path, folds_csv: Path | None = None) -> dict[str, str]:
+    """What a model learns from, as digests: the cells (names, splits, labels and the digests of their decoded
+    pixels, from the prepare stage's index.csv), the folds (for fold models), and the training code."""
+    out = {"cells": _table_digest(prepared / "index.csv", ("split", "img_name", "label", "hash"))}
+    if folds_csv is not None:
+        out["folds"] = _table_digest(folds_csv, ("img_name", "fold"))
+    return {**out, "training code": code_digest()}
+
+
+def _table_digest(path: Path, columns: tuple[str, ...]) -> str:
+    """sha256 of some columns of a CSV, as text: the same cells from another build of pandas or numpy hash alike."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path} is missing: run `dvc repro` (it makes it).")
+    stat = Path(path).stat()
+    return _table_digest_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, columns)
+
+
+@functools.lru_cache(maxsize=8)
+def _table_digest_cached(path: str, size: int, mtime_ns: int, columns: tuple[str, ...]) -> str:
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise PipelineError(f"{path} has no column {', '.join(missing)}: re-run `dvc repro` to rewrite it.")
+    return hashlib.sha256(table[list(columns)].to_csv(index=False).encode()).hexdigest()
+
+
+def pixel_means(prepared: Path) -> str:
+    """Each cached image's per-channel means (0-255, rounded), base64: decoder builds move them by rounding, another
+    picture of a cell by more."""
+    path = prepared / "images.npy"
+    stat = path.stat()
+    return _pixel_means(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_means(path: str, size: int, mtime_ns: int) -> str:
+    import base64
+
+    import numpy as np
+
+    images = np.load(path, mmap_mode="r")
+    means = [images[s:s + 1024].mean(axis=(1, 2)) for s in range(0, len(images), 1024)]  # chunks: a cache is GBs
+    flat = np.concatenate(means) if means else np.zeros((0, 3))
+    return base64.b64encode(np.rint(flat).astype(np.uint8).tobytes()).decode()
+
+
+def _pixels_differ(a: str | None, b: str | None) -> bool:
+    """Whether two pixel_means differ by more than PIXEL_TOLERANCE in any image and channel (or in length)."""
+    if a is None or b is None:
+        return a != b
+    import base64
+
+    import numpy as np
+
+    x, y = (np.frombuffer(base64.b64decode(v), np.uint8).astype(int) for v in (a, b))
+    return len(x) != len(y) or bool(len(x) and np.abs(x - y).max() > PIXEL_TOLERANCE)
 
 
 def weights_digest(arch: str, pretrained: bool, weights_dir: str | Path | None) -> str:
@@ -145,7 +244,8 @@ def run_fingerprint(cfg, base: dict | None) -> dict:
     base = base or fingerprint({}, {})
     config = asdict(cfg)
     shaping = {f"config.{k}": v for k, v in config.items() if k not in (*_SPEED_ONLY, *_RESUME_ONLY)}
-    return fingerprint({**base["params"], **shaping}, base["inputs"], {f"config.{k}": config[k] for k in _RESUME_ONLY})
+    return fingerprint({**base["params"], **shaping}, base["inputs"], {f"config.{k}": config[k] for k in _RESUME_ONLY},
+                       base.get("measured"))
 
 
 def set_aside(last: Path, reasons: list[str]) -> None:
@@ -168,6 +268,9 @@ def resume_state(last: Path, current: dict) -> dict | None:
     except Exception as e:  # a truncated or foreign file must not stop a fresh run
         ck, diff = None, [f"it cannot be read ({type(e).__name__}: {e})"]
     if not diff:
+        if other := build_differences(ck.get("fingerprint"), current):
+            log.info("%s was written by other library builds (%s); the same params, cells and code, so it is used",
+                     last, ", ".join(other))
         return ck
     set_aside(last, diff)
     return None

@@ -17,18 +17,18 @@ from torch.utils.data import TensorDataset
 from pipeline import checkpoints
 from pipeline import distributed as ddp
 from pipeline.checkpoints import load_checkpoint, read_checkpoint
-from pipeline.common import PipelineError, labelled_test_seen, run_main, seed_everything, write_text_whole
-from pipeline.dataset import CellDataset, load_cache, split_rows, targets
+from pipeline.common import PipelineError, labelled_test_seen, run_main, write_text_whole
+from pipeline.dataset import load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.images import normalize
 from pipeline.label_noise import kept_rows, label_issues
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
-from pipeline.models import ModelSpec, data_config
+from pipeline.models import ModelSpec
 from pipeline.params import load_params
-from pipeline.predictions import model_dirs, write_split_predictions
-from pipeline.training import derived_seed, for_backbone, start_processes, train_config, train_logged
-from pipeline.transforms import AugParams, build_transform
+from pipeline.predictions import model_dirs
+from pipeline.training import derived_seed, for_backbone, start_processes, train_config, train_model
+from pipeline.transforms import AugParams
 from pipeline.tta import TTASpec
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,19 @@ def ms_per_image(files: list[Path], images: np.ndarray, cfg: TrainConfig, view_s
     return out
 
 
-def teacher_files(models_dir: Path, backbones: list[str], refit: set[str], unlabelled: str) -> list[Path]:
+def teacher_files(models_dir: Path, backbones: list[str], refit: set[str], unlabelled: str, cv: bool = True
+                  ) -> list[Path]:
     """The teacher checkpoints the student's targets come from: every backbone's folds (the training images' OOF) and,
-    when unlabelled images are fed, the refit models (full/) the ensemble predicted the hidden/test images with."""
+    when unlabelled images are fed, the refit or all-cells models (full/) the ensemble predicted them with. Without
+    folds (`cv` False) the training cells' targets are their labels, so only those full/ models count."""
     files = []
     for b in backbones:
         folds = sorted((models_dir / b).glob("fold*/checkpoint.pt"))
-        if not folds:
+        if cv and not folds:
             raise PipelineError(f"{models_dir / b} has no fold checkpoint, but the student's targets come from them: "
                                 f"run `dvc repro train@{b}`.")
-        files += folds
-        if b in refit and unlabelled != "none":
+        files += folds if cv else []
+        if (b in refit or not cv) and unlabelled != "none":
             files.append(models_dir / b / "full" / "checkpoint.pt")
             if not files[-1].is_file():
                 raise PipelineError(f"{files[-1]} is missing, but the ensemble's hidden/test predictions came from it: "
@@ -137,6 +139,18 @@ def unlabelled_rows(index: pd.DataFrame, ensemble_dir: Path, mode: str, teacher_
     return np.asarray(rows, int), np.asarray(soft, float), bool(test_names & seen)
 
 
+def _oof_targets(ensemble_dir: Path, index: pd.DataFrame, rows: np.ndarray, teacher_column: str) -> np.ndarray:
+    """The ensemble's out-of-fold probability (`teacher_column`) of each training row."""
+    oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
+    if teacher_column not in oof:
+        raise PipelineError(f"{ensemble_dir / 'oof.csv'} has no column {teacher_column}; re-run `dvc repro ensemble`.")
+    soft = index["img_name"].iloc[rows].map(oof.set_index("img_name")[teacher_column])
+    if soft.isna().any():
+        raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
+                            f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
+    return soft.to_numpy(dtype=float)
+
+
 def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, student: ModelSpec, recipe: Recipe,
             cfg: TrainConfig, aug: AugParams, tta: TTASpec, params: dict, learned: dict | None = None,
             backbones: list[str] = ()) -> dict:
@@ -144,40 +158,41 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     fingerprint holds (checkpoints.learned_params); `params`: what its checkpoint records."""
     teacher_column, unlabelled = recipe.teacher_column, recipe.unlabelled
     index, images = load_cache(prepared)
-    oof = pd.read_csv(ensemble_dir / "oof.csv", dtype={"img_name": str})
-    if teacher_column not in oof:
-        raise PipelineError(f"{ensemble_dir / 'oof.csv'} has no column {teacher_column}; re-run `dvc repro ensemble`.")
+    ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
+    cv = ens_scores.get("cv", True)
     rows = split_rows(index, "train")
-    soft = index["img_name"].iloc[rows].map(oof.set_index("img_name")[teacher_column])
-    if soft.isna().any():
-        raise PipelineError(f"{soft.isna().sum()} training images have no ensemble OOF probability in "
-                            f"{ensemble_dir / 'oof.csv'}; re-run the train and ensemble stages.")
     labels = index["label"].to_numpy(dtype=float)
     names = index["img_name"].iloc[rows]
-    issues = label_issues(names, labels[rows], soft.to_numpy())
+    if cv:
+        soft = _oof_targets(ensemble_dir, index, rows, teacher_column)
+        issues = label_issues(names, labels[rows], soft)
+    else:  # folds.n 0: the teachers saw every training cell, so their probabilities there would only echo the labels
+        if recipe.label_noise == "drop":
+            raise PipelineError("distill.label_noise is drop, but folds.n is 0: flagging labels needs out-of-fold "
+                                "probabilities. Set distill.label_noise: keep, or folds.n to 2 or more.")
+        log.info("folds.n 0: the student learns the training cells' labels (no out-of-fold probabilities); the "
+                 "teachers reach it only through distill.unlabelled (%s)", unlabelled)
+        soft = labels[rows]
+        issues = pd.DataFrame({"img_name": names.to_numpy(), "label": labels[rows].astype(int), "prob": np.nan,
+                               "label_quality": np.nan, "flagged": False})
     keep = kept_rows(np.arange(len(rows)), issues, names, recipe.label_noise)
-    rows, soft = rows[keep], soft.iloc[keep]
+    rows, soft = rows[keep], soft[keep]
     extra, extra_soft, transductive = unlabelled_rows(index, ensemble_dir, unlabelled, teacher_column)
     # Unlabelled images learn the ensemble twice over: as the (soft) label and as the distillation target.
-    target = np.concatenate([targets(labels[rows], soft.to_numpy()), targets(extra_soft, extra_soft)])
-    ens_scores = json.loads((ensemble_dir / "scores.json").read_text())
+    target = np.concatenate([targets(labels[rows], soft), targets(extra_soft, extra_soft)])
     blend = ens_scores.get("blend", {}).get(teacher_column)
     if blend is None:
         raise PipelineError(f"{ensemble_dir / 'scores.json'} has no blend for {teacher_column}; re-run "
                             "`dvc repro ensemble`.")
     # The ensemble's test/hidden predictions come from each backbone's refit model where it has one (train.refit).
-    refit = set(ens_scores.get("refit", {}).get("backbones", []))
-    sources = teacher_sources(teacher_files(models_dir, backbones, refit, unlabelled), models_dir, blend,
+    refit = set(ens_scores.get("refit", {}).get("backbones", [])) if cv else set(backbones)
+    sources = teacher_sources(teacher_files(models_dir, backbones, refit, unlabelled, cv), models_dir, blend,
                               teacher_column=teacher_column, unlabelled=unlabelled, tta=tta)
-    fingerprint = checkpoints.fingerprint(
-        {**(learned or {}), "model.student": student.backbone, **sources},
-        {**checkpoints.data_digests(prepared),
-         "weights": checkpoints.weights_digest(student.backbone, student.pretrained, student.weights_dir)})
-    seed_everything(cfg.seed)
-    model = student.create()
-    norm = data_config(model)
-    train_ds = CellDataset(images[np.concatenate([rows, extra])], target, build_transform(True, aug, **norm),
-                           seed=cfg.seed)
+    if not cv:  # the folds shaped nothing the student learns
+        learned = {k: v for k, v in (learned or {}).items() if not k.startswith("folds.")}
+    fingerprint = checkpoints.model_fingerprint(
+        {**(learned or {}), "model.student": student.backbone, **sources}, prepared,
+        checkpoints.weights_digest(student.backbone, student.pretrained, student.weights_dir))
     out.mkdir(parents=True, exist_ok=True)
     if ddp.is_main():
         write_text_whole(out / "label_issues.csv", issues.to_csv(index=False, float_format="%.6g"))
@@ -186,14 +201,13 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     if transductive:
         log.warning("The labelled test images are among the student's unlabelled images: its test score is "
                     "transductive (like Kaggle's hidden score), not a held-out estimate")
-
     # No validation split: every training image is used, and the last epoch is kept.
-    _, model = train_logged(model, student.backbone, train_ds, None, None,
-                            DistillLoss(recipe.alpha, recipe.temperature, cfg.label_smoothing), cfg, out, params,
-                            fingerprint)
+    _, _, tables = train_model(student, images, index, np.concatenate([rows, extra]), target, out, aug=aug, tta=tta,
+                               loss_fn=DistillLoss(recipe.alpha, recipe.temperature, cfg.label_smoothing), cfg=cfg,
+                               record=params, fingerprint=fingerprint, name=f"student {student.backbone}")
     ckpt = out / "checkpoint.pt"
     test_rows = split_rows(index, "test")
-    test = write_split_predictions(model, images, index, out, cfg, tta, norm)["test"]
+    test = tables["test"]
     if not ddp.is_main():  # rank 0 times the models and writes the scores
         return {}
     y = labels[test_rows].astype(int)

@@ -1,4 +1,5 @@
-"""Stage `ensemble`: gather each backbone's folds (and refit model), blend the backbones on OOF, score on OOF and test."""
+"""Stage `ensemble`: gather each backbone's folds (and refit model), blend the backbones on OOF, score on OOF and test;
+without folds (folds.n 0), the all-cells models blended with equal weights at 0.5."""
 from __future__ import annotations
 
 import argparse
@@ -108,7 +109,7 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
     if seen:
         log.warning("The labelled test images are also training images (data.train_on_test): every test score "
                     "below is on seen cells, not a held-out estimate")
-    report = {"test_seen": seen, "blend": {}, "metrics": {}}
+    report = {"cv": True, "test_seen": seen, "blend": {}, "metrics": {}}
     if tta is not None:
         report["tta"] = {"views": list(tta["views"]), "crop_scale": tta["crop_scale"]}
     cv_thresholds = {}  # the ensemble's OOF is scored at the thresholds other folds chose, not in-sample
@@ -141,12 +142,60 @@ def ensemble(models: Path, folds_csv: Path, index_csv: Path, out: Path, *, backb
                           for model in [*backbones, "ensemble"]}
     thresholds = {name: b["threshold"] for name, b in report["blend"].items()}
     report["refit"] = refit_report(models, used, fold_average, test, thresholds) if refit else {"on": False}
+    _write(out, tables, report)
+    return report
+
+
+def ensemble_without_folds(models: Path, index_csv: Path, out: Path, *, backbones: list[str],
+                           tta: dict | None = None) -> dict:
+    """folds.n 0: each backbone's all-cells model (full/) on test and hidden, blended with equal weights in logit space
+    at threshold 0.5. With no out-of-fold predictions nothing is fitted (the labelled test set is never used to
+    choose), so oof.csv has its columns and no rows, and every CV score is null."""
+    index = pd.read_csv(index_csv, dtype={"img_name": str})
+    cols = [c for b in backbones for c in (b, f"{b}_tta")]
+    tables = {"oof": pd.DataFrame(columns=["img_name", "label", "fold", *cols, "ensemble", "ensemble_tta"]),
+              "test": index.loc[index["split"] == "test", ["img_name", "label"]].reset_index(drop=True),
+              "hidden": index.loc[index["split"] == "hidden", ["img_name"]].reset_index(drop=True)}
+    for b in backbones:
+        for split in ("test", "hidden"):
+            f = models / b / "full" / f"{split}.csv"
+            if not f.is_file():
+                raise PipelineError(f"{f} is missing: folds.n is 0, so {b} trains once on all cells; run "
+                                    f"`dvc repro train@{b}`.")
+            p = pd.read_csv(f, dtype={"img_name": str}).set_index("img_name")
+            t = tables[split]
+            t[b], t[f"{b}_tta"] = t["img_name"].map(p["prob"]).to_numpy(), t["img_name"].map(p["prob_tta"]).to_numpy()
+            if t[b].isna().any():
+                raise PipelineError(f"{f} has no prediction for {int(t[b].isna().sum())} {split} images; re-run "
+                                    f"`dvc repro -f train@{b}`.")
+    seen = labelled_test_seen(index)
+    report = {"cv": False, "test_seen": seen, "blend": {}, "metrics": {}, "refit": {"on": False}}
+    if tta is not None:
+        report["tta"] = {"views": list(tta["views"]), "crop_scale": tta["crop_scale"]}
+    equal = np.full(len(backbones), 1 / len(backbones))
+    for suffix in ("", "_tta"):
+        for t in tables.values():
+            t["ensemble" + suffix] = blend(t[[b + suffix for b in backbones]].to_numpy(float), equal) if len(t) else []
+        report["blend"]["ensemble" + suffix] = {"method": "mean", "weights": dict(zip(backbones, equal.round(4).tolist())),
+                                               "cv_log_loss": None, "threshold": 0.5, "threshold_cv_accuracy": None}
+    test = tables["test"]
+    for name in [m + s for m in [*backbones, "ensemble"] for s in ("", "_tta")]:
+        report["metrics"][name] = {"cv": None, "test": binary_metrics(test["label"], test[name], 0.5), "threshold": 0.5}
+        log.info("%-24s no CV (folds.n 0) | test acc %.4f AUC %.4f", name, report["metrics"][name]["test"]["accuracy"],
+                 report["metrics"][name]["test"]["roc_auc"])
+    met = report["metrics"]
+    report["tta_gain"] = {m: {f"test_{k}": met[m + "_tta"]["test"][k] - met[m]["test"][k]
+                              for k in ("accuracy", "roc_auc", "log_loss")} for m in [*backbones, "ensemble"]}
+    _write(out, tables, report)
+    return report
+
+
+def _write(out: Path, tables: dict[str, pd.DataFrame], report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, t in tables.items():
         with written_whole(out / f"{split}.csv") as tmp:
             t.to_csv(tmp, index=False, float_format="%.6f")
     write_text_whole(out / "scores.json", json.dumps(report, indent=2))
-    return report
 
 
 def main() -> None:
@@ -158,6 +207,10 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     train = params["train"]
+    if params["folds"]["n"] == 0:
+        ensemble_without_folds(Path(args.models), Path(args.index), Path(args.out), backbones=train["backbones"],
+                               tta=params["tta"])
+        return
     ensemble(Path(args.models), Path(args.folds), Path(args.index), Path(args.out), backbones=train["backbones"],
              refit=train["refit"], tta=params["tta"])
 

@@ -16,9 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def make_folds(index: pd.DataFrame, *, n: int, group_by: str, seed: int) -> pd.DataFrame:
-    """Return img_name,label,group,fold for the train split; with group_by=patient no slide spans two folds."""
+    """Return img_name,label,group,fold for the train split; with group_by=patient no slide spans two folds. n 0 (no
+    cross-validation): every cell's fold is -1, none."""
     train = index[index["split"] == "train"].reset_index(drop=True)
     y = train["label"].astype(int).to_numpy()
+    if n == 0:
+        log.info("folds.n 0: no cross-validation; each backbone trains once on all %d training cells", len(train))
+        return train[["img_name", "label", "group"]].assign(label=y, fold=-1)
     if group_by == "patient":
         n_groups = train["group"].nunique()
         if n_groups < n:

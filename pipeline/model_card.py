@@ -29,6 +29,12 @@ def export_table(scores: dict) -> pd.DataFrame:
                           "size (MB)": fmt(f["size_mb"], ".1f")} for name, f in scores["formats"].items()])
 
 
+def no_cv_line(n_train: int, epochs: int) -> str:
+    """The sentence that says what a run without folds (folds.n 0) shows instead of cross-validation."""
+    return (f"No cross-validation (folds.n 0): each backbone trained once on all {n_train} training cells for {epochs} "
+            f"epoch{'s' * (epochs != 1)}, the last epoch kept; scores are on the labelled test set only.")
+
+
 def int8_line(scores: dict) -> str:
     """One line: whether the export stage kept the int8 model, and why."""
     i8 = scores["int8"]
@@ -58,15 +64,11 @@ Source: {source}.{nih}
 
 ## Method
 
-{f[n]}-fold cross-validation grouped by slide (`folds.group_by: {f[group_by]}`). Teachers: {teachers}, one model
-per fold, at most {t[epochs]} epochs at {img_size} px. Ensemble: the backbones blended in logit space; its threshold
-0.5, or tuned on out-of-fold predictions where that won clearly on folds it was not tuned on. Student:
-`{ds[student]}` distilled on all training images from the labels and the ensemble's out-of-fold probabilities
-({ds[epochs]} epochs, alpha {ds[alpha]}, temperature {ds[temperature]}), then exported to ONNX.
+{method}
 
 ## Scores
 
-Cross-validation (out-of-fold) and labelled-test scores from `{submissions}/leaderboard.csv`; the best file is
+{scored} scores from `{submissions}/leaderboard.csv`; the best file is
 `{best}`, test accuracy {best_acc}.
 
 {leaderboard}
@@ -88,7 +90,7 @@ this machine's CPU:
 
 ## Known failure modes
 
-- In this run {n_wrong} of {n_oof} out-of-fold predictions of `{col}` (threshold {thr:.3f}) are wrong; the slides
+- In this run {n_wrong} of {n_oof} {held_out} predictions of `{col}` (threshold {thr:.3f}) are wrong; the slides
   with the most of them:
 
 {slides}
@@ -107,19 +109,31 @@ The CSV has `img_name,prob,label` for every image; `--tta` averages the run's TT
 
 Without this repository: ONNX Runtime on `{export}/{student_file}`, with the preprocessing `model.json` describes.
 """
+# The card's Method paragraph: k-fold cross-validation, or one all-cells model per backbone (folds.n 0).
+METHOD_CV = """\
+{f[n]}-fold cross-validation grouped by slide (`folds.group_by: {f[group_by]}`). Teachers: {teachers}, one model
+per fold, at most {t[epochs]} epochs at {img_size} px. Ensemble: the backbones blended in logit space; its threshold
+0.5, or tuned on out-of-fold predictions where that won clearly on folds it was not tuned on. Student:
+`{ds[student]}` distilled on all training images from the labels and the ensemble's out-of-fold probabilities
+({ds[epochs]} epochs, alpha {ds[alpha]}, temperature {ds[temperature]}), then exported to ONNX."""
+METHOD_NO_CV = """\
+{no_cv} Teachers: {teachers} at {img_size} px. Ensemble: the backbones blended in logit space with equal
+weights, threshold 0.5 (no out-of-fold predictions to fit either on). Student: `{ds[student]}` trained on all
+training images from their labels alone ({ds[epochs]} epochs, alpha {ds[alpha]}, temperature {ds[temperature]}; no
+out-of-fold probabilities to distil), then exported to ONNX."""
 
 
-def oof_errors(oof_csv: Path, folds_csv: Path, ensemble_scores: Path) -> tuple[str, float, int, int, pd.DataFrame]:
-    """The ensemble's out-of-fold mistakes: column, threshold, errors, predictions, and the slides with the most."""
-    oof = pd.read_csv(oof_csv, dtype={"img_name": str})
-    col = "ensemble_tta" if "ensemble_tta" in oof else "ensemble"
+def held_out_errors(pred_csv: Path, slide: pd.Series, ensemble_scores: Path
+                    ) -> tuple[str, float, int, int, pd.DataFrame]:
+    """The ensemble's mistakes on cells it did not train on: column, threshold, errors, cells, the slides with most."""
+    pred = pd.read_csv(pred_csv, dtype={"img_name": str})
+    col = "ensemble_tta" if "ensemble_tta" in pred else "ensemble"
     thr = json.loads(ensemble_scores.read_text())["blend"][col]["threshold"]
-    slide = pd.read_csv(folds_csv, dtype={"img_name": str}).set_index("img_name")["group"]
-    oof = oof.assign(slide=oof["img_name"].map(slide), wrong=(oof[col] >= thr) != (oof["label"] == 1))
-    per = oof.groupby("slide").agg(errors=("wrong", "sum"), cells=("wrong", "size"))
+    pred = pred.assign(slide=pred["img_name"].map(slide), wrong=(pred[col] >= thr) != (pred["label"] == 1))
+    per = pred.groupby("slide").agg(errors=("wrong", "sum"), cells=("wrong", "size"))
     per = per[per["errors"] > 0].sort_values(["errors", "cells"], ascending=[False, True]).head(5)
     per = per.assign(error_rate=lambda t: (t["errors"] / t["cells"]).map(lambda v: f"{v:.0%}")).reset_index()
-    return col, thr, int(oof["wrong"].sum()), len(oof), per
+    return col, thr, int(pred["wrong"].sum()), len(pred), per
 
 
 def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, export: str, params: dict) -> str:
@@ -128,13 +142,17 @@ def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, ex
     scores = json.loads(Path(export, "scores.json").read_text())
     index = pd.read_csv(Path(prepared, "index.csv"), dtype={"img_name": str})
     board = pd.read_csv(Path(submissions, "leaderboard.csv"))
-    d, arch = params["data"], manifest["arch"]
-    col, thr, n_wrong, n_oof, slides = oof_errors(Path(ensemble, "oof.csv"), Path(folds), Path(ensemble, "scores.json"))
+    d, arch, cv = params["data"], manifest["arch"], params["folds"]["n"] > 0
+    if cv:
+        pred_csv, slide = "oof.csv", pd.read_csv(folds, dtype={"img_name": str}).set_index("img_name")["group"]
+    else:  # no out-of-fold predictions: the labelled test set's
+        pred_csv, slide = "test.csv", index[index["split"] == "test"].set_index("img_name")["group"]
+    col, thr, n_wrong, n_oof, slides = held_out_errors(Path(ensemble, pred_csv), slide, Path(ensemble, "scores.json"))
     split = index.groupby("split", sort=False).agg(images=("img_name", "size"), slides=("group", "nunique"),
                                                    parasitized=("label", lambda y: fmt(y.sum(min_count=1), ".0f")))
     split = split.reindex([s for s in ("train", "test", "hidden") if s in split.index]).reset_index()
-    cols = {"cv_accuracy": "CV accuracy", "cv_roc_auc": "CV ROC AUC", "test_accuracy": "test accuracy",
-            "test_roc_auc": "test ROC AUC"}
+    cols = {"cv_accuracy": "CV accuracy", "cv_roc_auc": "CV ROC AUC"} if cv else {}  # no CV column without folds
+    cols |= {"test_accuracy": "test accuracy", "test_roc_auc": "test ROC AUC"}
     shown = board[(board.index == 0) | board["model"].isin(["student", "ensemble"])]
     shown = pd.concat([shown["file"], shown[list(cols)].apply(lambda c: c.map(fmt)).rename(columns=cols)], axis=1)
     n_cells = int(index["label"].notna().sum())  # labelled: the demo's hidden split repeats its test cells
@@ -148,13 +166,18 @@ def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, ex
               "synthetic": "cells generated by `pipeline/synthetic.py`, not photographed"}[d["source"]]
     files = ", ".join(f"`{export}/{m['file']}` ({name}{'' if m.get('kept', True) else ', not kept'})"
                       for name, m in manifest["models"].items())
+    method = (METHOD_CV if cv else METHOD_NO_CV).format(
+        f=params["folds"], t=params["train"], ds=params["distill"], img_size=d["img_size"],
+        teachers=", ".join(params["train"]["backbones"]),
+        no_cv=no_cv_line(int((index["split"] == "train").sum()), params["train"]["epochs"]))
     return CARD.format(
         arch=arch, banner=banner, out=manifest["output"], threshold=manifest["threshold"], inp=manifest["input"],
+        method=method, held_out="out-of-fold" if cv else "labelled-test",
+        scored="Cross-validation (out-of-fold) and labelled-test" if cv else "Labelled-test (no cross-validation)",
         n_params=manifest["parameters"] / 1e6,
         shape=" × ".join(map(str, manifest["input"]["shape"])), files=files, export=export,
         commit=manifest.get("git_commit", "unknown"), source=source, nih=NIH if d["source"] != "synthetic" else "",
-        splits=md_table(split), f=params["folds"], t=params["train"], ds=params["distill"], img_size=d["img_size"],
-        teachers=", ".join(params["train"]["backbones"]), submissions=submissions, best=board["file"].iat[0],
+        splits=md_table(split), submissions=submissions, best=board["file"].iat[0],
         best_acc=fmt(board["test_accuracy"].iat[0]), leaderboard=md_table(shown), labelled=scores["labelled"],
         exports=md_table(export_table(scores)), int8=int8_line(scores), col=col, thr=thr, n_wrong=n_wrong,
         n_oof=n_oof, slides=md_table(slides.rename(columns={"error_rate": "error rate"})) if len(slides) else "(none)",

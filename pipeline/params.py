@@ -51,7 +51,8 @@ class Data(Section):
 
 
 class Folds(Section):
-    n: int = Field(description="cross-validation folds (at least 2); each backbone trains every fold")
+    n: int = Field(description="cross-validation folds (at least 2), each backbone training every fold; 0 = no CV: "
+                               "each backbone trains once on every training cell for train.epochs and keeps the last")
     group_by: Literal["patient", "none"] = Field(
         description="patient: no slide in two folds (StratifiedGroupKFold); none: StratifiedKFold")
     seed: int = Field(ge=0, description="seed of the fold assignment")
@@ -59,15 +60,16 @@ class Folds(Section):
     @field_validator("n")
     @classmethod
     def _at_least_two(cls, n: int) -> int:
-        if n < 2:
-            raise ValueError("cross-validation needs at least 2 folds (5 is usual); a single model on all training "
-                             "cells is not a CV fold")
+        if n == 1 or n < 0:
+            raise ValueError("cross-validation needs at least 2 folds (5 is usual); for one model per backbone on "
+                             "every training cell, without CV, set 0")
         return n
 
 
 class Train(Section):
     backbones: list[str] = Field(min_length=1, description="timm model names; each trains on every fold")
-    epochs: int = Field(ge=1, le=1000, description="maximum epochs per (backbone, fold)")
+    epochs: int = Field(ge=1, le=1000, description="maximum epochs per (backbone, fold); folds.n 0: the epochs of "
+                                                   "each backbone's one model, which keeps the last")
     batch_size: int = Field(ge=2, le=8192, description="images per step over all processes (the global batch): each "
                                                        "of train.gpus' processes takes an equal share, at least 2 "
                                                        "(BatchNorm)")
@@ -79,7 +81,8 @@ class Train(Section):
     label_smoothing: float = Field(ge=0, lt=0.5, description="label smoothing of the cross-entropy")
     grad_clip: float = Field(gt=0, description="max gradient norm")
     ema_decay: float = Field(ge=0, lt=1, description="EMA of the weights (with warmup); the EMA model is kept")
-    patience: int = Field(ge=1, description="early stopping: epochs without a better validation AUC")
+    patience: int = Field(ge=1, description="early stopping of fold models: epochs without a better validation AUC "
+                                            "(folds.n 0: no validation, so no effect; the last epoch is kept)")
     refit: bool = Field(description="after CV, retrain each backbone on every training cell for the folds' mean kept "
                                     "epochs; its test/hidden predictions replace the fold average")
     drop_rate: float = Field(ge=0, lt=1, description="dropout before the classifier")

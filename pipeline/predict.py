@@ -109,7 +109,7 @@ def onnx_probs(images: np.ndarray, export_dir: Path, model: str, tta: bool, thre
 
 def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta: bool, batch_size: int
                    ) -> tuple[np.ndarray, float]:
-    """Every fold checkpoint (or the refit model, with train.refit) of every blended backbone, blended as the ensemble
+    """Every fold checkpoint (or the refit or all-cells model, full/) of every blended backbone, blended as the ensemble
     stage chose, with the TTA views its run recorded; returns the probabilities and the threshold."""
     # Imported here: the checkpoints need torch, the ONNX path does not.
     from pipeline.blend import blend
@@ -122,7 +122,8 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
         raise PipelineError(f"{scores} is missing: run `dvc repro ensemble` first.")
     report = json.loads(scores.read_text())
     chosen = report["blend"]["ensemble_tta" if tta else "ensemble"]
-    refit = set(report.get("refit", {}).get("backbones", []))  # train.refit: the submission used these models
+    # train.refit or folds.n 0 (no CV): the submission used the full/ models of these backbones
+    refit = set(report.get("refit", {}).get("backbones", [])) if report.get("cv", True) else set(chosen["weights"])
     tta_params = report.get("tta")  # what the run's `_tta` columns used, not today's params.yaml
     if tta and tta_params is None:
         raise PipelineError(f"{scores} does not say which TTA views its run used (it was written before they were "
@@ -139,7 +140,7 @@ def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
         return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
     from pipeline.weights_only import read_checkpoint  # torch: only the ensemble needs it
 
-    ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt"))
+    ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt")) or sorted(models_dir.glob("*/full/checkpoint.pt"))
     if not ckpts:
         raise PipelineError(f"{models_dir} has no checkpoints: run `dvc repro` first.")
     return int(read_checkpoint(ckpts[0])["params"]["img_size"])

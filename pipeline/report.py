@@ -30,14 +30,24 @@ PRINT_CSS = """<style>@media print {
 }</style>"""
 
 
+def model_folders(n_folds: int) -> list[str]:
+    """A backbone's model folders the report reads: fold0 ... fold<n-1>, or full alone without folds (folds.n 0)."""
+    return [f"fold{k}" for k in range(n_folds)] or ["full"]
+
+
+def live_metrics(n_folds: int) -> tuple[str, ...]:
+    """The learning curves drawn: training and validation, or the training loss alone (folds.n 0: nothing held out)."""
+    return LIVE_METRICS if n_folds else LIVE_METRICS[:1]
+
+
 def required_inputs(*, prepared: str, folds: str, models: str, ensemble: str, student: str, submissions: str,
                     export: str, backbones: list[str], n_folds: int) -> dict[Path, str]:
     """Every file the notebook reads, with the DVC stage that writes it."""
     need = {Path(prepared, "index.csv"): "prepare", Path(prepared, "images.npy"): "prepare", Path(folds): "folds"}
     for b in backbones:
-        for k in range(n_folds):
-            live = Path(models, b, f"fold{k}", "live")
-            for name in ("metrics.json", *(f"plots/metrics/{m}.tsv" for m in LIVE_METRICS)):
+        for folder in model_folders(n_folds):
+            live = Path(models, b, folder, "live")
+            for name in ("metrics.json", *(f"plots/metrics/{m}.tsv" for m in live_metrics(n_folds))):
                 need[live / name] = f"train@{b}"
     for name in ("oof.csv", "test.csv", "scores.json"):
         need[Path(ensemble, name)] = "ensemble"
@@ -185,7 +195,7 @@ def main() -> None:
     parser.add_argument("--html", required=True, type=Path, help="the HTML copy to write")
     parser.add_argument("--prepared", required=True, help="the prepare stage's folder")
     parser.add_argument("--folds", required=True, help="the folds CSV")
-    parser.add_argument("--models", required=True, help="the train stages' <backbone>/fold<k>/ folders")
+    parser.add_argument("--models", required=True, help="the train stages' <backbone>/fold<k>/ (or full/) folders")
     parser.add_argument("--ensemble", required=True, help="the ensemble stage's folder")
     parser.add_argument("--student", required=True, help="the distill stage's folder")
     parser.add_argument("--submissions", required=True, help="the submit stage's folder (leaderboard.csv)")

@@ -56,6 +56,7 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
         for suffix in ("", "_tta"):
             name = model + suffix
             m = metrics.get(name, {"cv": {}, "test": smetrics.get(name, {}).get("test", {}), "threshold": 0.5})
+            cv = m["cv"] or {}  # None without folds (folds.n 0): no CV score, an empty cell
             prob = sample["img_name"].map(hidden[name])
             if prob.isna().any():
                 raise PipelineError(f"{int(prob.isna().sum())} images of {sample_csv} have no {name} prediction.")
@@ -68,7 +69,7 @@ def make_submissions(ensemble_dir: Path, student_dir: Path, sample_csv: Path, ou
             # unlabelled (distill.unlabelled), which makes its score transductive.
             seen = all_seen or (model == "student" and bool(smetrics.get("unlabelled", {}).get("test_transductive")))
             rows.append({"file": f"{name}.csv", "model": model, "tta": bool(suffix), "threshold": m["threshold"],
-                         "cv_accuracy": m["cv"].get("accuracy"), "cv_roc_auc": m["cv"].get("roc_auc"),
+                         "cv_accuracy": cv.get("accuracy"), "cv_roc_auc": cv.get("roc_auc"),
                          "test_accuracy": m["test"].get("accuracy"), "test_roc_auc": m["test"].get("roc_auc"),
                          "hidden_positive_rate": sub["label"].mean(), "test_seen": seen})
     # Held-out test scores rank first: a score on test images a model learned from is no estimate.

@@ -1,5 +1,5 @@
-"""Training one teacher, a fold model or the refit model (train.refit), and writing its predictions: the train stage's
-work, which `python -m pipeline.bench ablate` repeats with other params."""
+"""The teachers of one backbone: a fold model, the refit (train.refit) or the all-cells model (folds.n 0), each
+trained through training.train_model; the train stage's work, which `pipeline.bench` repeats with other params."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import checkpoints
-from pipeline.common import PipelineError, seed_everything
-from pipeline.dataset import CellDataset, load_cache, targets
+from pipeline.common import PipelineError
+from pipeline.dataset import load_cache, split_rows, targets
 from pipeline.engine import TrainConfig
 from pipeline.losses import LabelLoss
-from pipeline.models import ModelSpec, data_config
-from pipeline.predictions import eval_dataset, write_predictions, write_split_predictions
-from pipeline.training import for_backbone, train_logged
-from pipeline.transforms import AugParams, build_transform
+from pipeline.models import ModelSpec
+from pipeline.training import for_backbone, train_model
+from pipeline.transforms import AugParams
 from pipeline.tta import TTASpec
 
 log = logging.getLogger(__name__)
@@ -43,26 +42,42 @@ class Teacher:
                    {"train": p, "augment": params["augment"], "img_size": params["data"]["img_size"]})
 
 
-def _fingerprint(teacher: Teacher, fold: int | str, prepared: Path, folds_csv: Path) -> dict:
+def _fingerprint(teacher: Teacher, fold: int | str, prepared: Path, folds_csv: Path | None) -> dict:
     m = teacher.model
-    return checkpoints.fingerprint(
-        {**teacher.learned, "model.backbone": m.backbone, "model.fold": fold},
-        {**checkpoints.data_digests(prepared, folds_csv),
-         "weights": checkpoints.weights_digest(m.backbone, m.pretrained, m.weights_dir)})
+    learned = teacher.learned
+    if folds_csv is None:  # the all-cells model: no folds, and no validation for train.patience to act on
+        learned = {k: v for k, v in learned.items() if not k.startswith("folds.") and k != "train.patience"}
+    return checkpoints.model_fingerprint({**learned, "model.backbone": m.backbone, "model.fold": fold}, prepared,
+                                         checkpoints.weights_digest(m.backbone, m.pretrained, m.weights_dir), folds_csv)
+
+
+def _train(prepared: Path, out: Path, teacher: Teacher, rows: np.ndarray, val_rows: np.ndarray | None, *,
+           name: str, cfg: TrainConfig, fingerprint: dict) -> tuple[dict, dict]:
+    index, images = load_cache(prepared)
+    labels = index["label"].to_numpy(dtype=float)
+    best, _, tables = train_model(teacher.model, images, index, rows, targets(labels[rows]), out, aug=teacher.aug,
+                                  tta=teacher.tta, loss_fn=LabelLoss(cfg.label_smoothing), cfg=cfg,
+                                  record=teacher.params, fingerprint=fingerprint, val_rows=val_rows, name=name)
+    return best, tables
+
+
+def _fold_rows(prepared: Path, folds_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    index, _ = load_cache(prepared)
+    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
+    row_of = pd.Series(np.arange(len(index)), index=index["img_name"].where(index["split"] == "train"))
+    return index, folds, row_of
 
 
 def train_fold(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, *, fold: int, cfg: TrainConfig) -> dict:
-    """Train (or resume, or reuse) one (backbone, fold) model and write its predictions."""
-    index, images = load_cache(prepared)
-    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
+    """Train (or resume, or reuse) one (backbone, fold) model, keeping its best validation epoch; its predictions."""
+    index, folds, row_of = _fold_rows(prepared, folds_csv)
     if fold not in set(folds["fold"]):
         raise PipelineError(f"Fold {fold} is not in {folds_csv} (folds {sorted(set(folds['fold']))}).")
-    row_of = pd.Series(np.arange(len(index)), index=index["img_name"].where(index["split"] == "train"))
     tr, va = (row_of[folds.loc[m, "img_name"]].to_numpy() for m in (folds["fold"] != fold, folds["fold"] == fold))
     backbone = teacher.model.backbone
-    best, oof = _fit_and_predict(index, images, tr, va, out, teacher, name=f"{backbone} fold {fold}", cfg=cfg,
-                                 fingerprint=_fingerprint(teacher, fold, prepared, folds_csv))
-    acc = ((oof["prob"].to_numpy() >= 0.5) == index["label"].to_numpy(dtype=float)[va]).mean()
+    best, tables = _train(prepared, out, teacher, tr, va, name=f"{backbone} fold {fold}", cfg=cfg,
+                          fingerprint=_fingerprint(teacher, fold, prepared, folds_csv))
+    acc = ((tables["oof"]["prob"].to_numpy() >= 0.5) == index["label"].to_numpy(dtype=float)[va]).mean()
     log.info("%s fold %d: kept epoch %d, OOF accuracy %.4f", backbone, fold, best["epoch"], acc)
     return best
 
@@ -70,36 +85,28 @@ def train_fold(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, *, 
 def train_full(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, *, epochs: int, cfg: TrainConfig) -> dict:
     """The refit (train.refit): train (or resume, or reuse) one model on every cell of the folds for `epochs`,
     keeping the last epoch, and write its test/hidden predictions."""
-    index, images = load_cache(prepared)
-    folds = pd.read_csv(folds_csv, dtype={"img_name": str})
-    row_of = pd.Series(np.arange(len(index)), index=index["img_name"].where(index["split"] == "train"))
+    _, folds, row_of = _fold_rows(prepared, folds_csv)
     rows = row_of[folds["img_name"]].to_numpy()
     # No held-out cells to choose an epoch on: the folds chose it, and the last one is kept, like the student's.
     cfg = replace(cfg, epochs=epochs, select_best=False)
     backbone = teacher.model.backbone
-    best, _ = _fit_and_predict(index, images, rows, None, out, teacher, name=f"{backbone} refit", cfg=cfg,
-                               fingerprint=_fingerprint(teacher, "full", prepared, folds_csv))
+    best, _ = _train(prepared, out, teacher, rows, None, name=f"{backbone} refit", cfg=cfg,
+                     fingerprint=_fingerprint(teacher, "full", prepared, folds_csv))
     log.info("%s refit: kept epoch %d of %d, trained on all %d cells", backbone, best["epoch"], epochs, len(rows))
     return best
 
 
-def _fit_and_predict(index: pd.DataFrame, images: np.ndarray, tr: np.ndarray, va: np.ndarray | None, out: Path,
-                     teacher: Teacher, *, name: str, cfg: TrainConfig, fingerprint: dict
-                     ) -> tuple[dict, pd.DataFrame | None]:
-    """One model on cache rows `tr`, validated on `va` (None: no validation), through train_logged; writes oof.csv
-    (for `va`), test.csv and hidden.csv. Returns the kept epoch's metrics and the OOF table (None without `va`)."""
-    labels = index["label"].to_numpy(dtype=float)
-    seed_everything(cfg.seed)
-    model = teacher.model.create()
-    norm = data_config(model)
-    train_ds = CellDataset(images[tr], targets(labels[tr]), build_transform(True, teacher.aug, **norm), seed=cfg.seed)
-    val_ds = None if va is None else eval_dataset(images[va], norm)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("%s: %d train / %d validation images, seed %d", name, len(tr), 0 if va is None else len(va), cfg.seed)
-
-    best, model = train_logged(model, teacher.model.backbone, train_ds, val_ds,
-                               None if va is None else labels[va].astype(int), LabelLoss(cfg.label_smoothing), cfg,
-                               out, teacher.params, fingerprint)
-    oof = None if va is None else write_predictions(model, images, index, va, out / "oof.csv", cfg, teacher.tta, norm)
-    write_split_predictions(model, images, index, out, cfg, teacher.tta, norm)
-    return best, oof
+def train_all(prepared: Path, out: Path, teacher: Teacher, *, cfg: TrainConfig, rows: np.ndarray | None = None
+              ) -> dict:
+    """The all-cells model (folds.n 0): train (or resume, or reuse) one model on every training cell for cfg.epochs,
+    keeping the last epoch (no held-out cells, so train.patience has nothing to act on), and write its test/hidden
+    predictions. `rows`: other cache rows to train on (`bench plain --train-cells`)."""
+    index, _ = load_cache(prepared)
+    rows = split_rows(index, "train") if rows is None else rows
+    cfg = replace(cfg, select_best=False, patience=1)  # patience means nothing here: constant, not in the fingerprint
+    backbone = teacher.model.backbone
+    best, _ = _train(prepared, out, teacher, rows, None, name=f"{backbone} on all cells", cfg=cfg,
+                     fingerprint=_fingerprint(teacher, "all", prepared, None))
+    log.info("%s: kept epoch %d of %d, trained on all %d training cells", backbone, best["epoch"], cfg.epochs,
+             len(rows))
+    return best

@@ -1,4 +1,5 @@
-"""Stage `train`: one timm backbone on every fold of folds.csv (and all cells, train.refit); checkpoints, metrics, probabilities."""
+"""Stage `train`: one timm backbone on every fold of folds.csv (and all cells, train.refit), or once on all training
+cells (folds.n 0); checkpoints, curves, probabilities."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from pipeline import distributed as ddp
 from pipeline.checkpoints import read_checkpoint
 from pipeline.common import PipelineError, run_main
 from pipeline.params import load_params
-from pipeline.teachers import Teacher, train_fold, train_full
+from pipeline.teachers import Teacher, train_all, train_fold, train_full
 from pipeline.training import derived_seed, for_backbone, start_processes, train_config
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,43 @@ def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None
         shutil.rmtree(out / "full")
 
 
+def train_without_folds(prepared: Path, out: Path, teacher: Teacher, p: dict, *, backbone: str,
+                        fold: list[int] | None) -> dict[str, float]:
+    """folds.n 0: one model on every training cell (full/), whatever folds.csv holds; fold folders are removed."""
+    if fold:
+        raise PipelineError("--fold: folds.n is 0 (no cross-validation), so there are no folds to train; set folds.n "
+                            "to 2 or more in params.yaml, or leave out --fold.")
+    if ddp.is_main():
+        remove_stale_folds(out, [], refit=True)
+    start = time.perf_counter()
+    train_all(prepared, out / "full", teacher, cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
+    return {"full": round(time.perf_counter() - start, 1)}
+
+
+def train_folds(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, p: dict, *, backbone: str,
+                fold: list[int] | None) -> dict[str, float]:
+    """Every fold of folds.csv (or the --fold ones), then the refit model when train.refit is on; seconds per model."""
+    if not folds_csv.is_file():
+        raise PipelineError(f"{folds_csv} is missing: run `dvc repro folds` first.")
+    all_folds = sorted(int(k) for k in pd.read_csv(folds_csv)["fold"].unique())
+    if not fold and ddp.is_main():
+        remove_stale_folds(out, all_folds, refit=p["refit"])
+    seconds = {}
+    for k in fold or all_folds:
+        start = time.perf_counter()
+        train_fold(prepared, folds_csv, out / f"fold{k}", teacher, fold=k,
+                   cfg=train_config(p, derived_seed(p["seed"], backbone, k)))
+        seconds[f"fold{k}"] = round(time.perf_counter() - start, 1)
+    if p["refit"] and fold:
+        log.info("train.refit: the refit model is trained by a run over every fold (without --fold)")
+    elif p["refit"]:
+        start = time.perf_counter()
+        train_full(prepared, folds_csv, out / "full", teacher, epochs=refit_epochs(out, all_folds),
+                   cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
+        seconds["full"] = round(time.perf_counter() - start, 1)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", required=True)
@@ -61,26 +99,11 @@ def main() -> None:
     if start_processes("pipeline.train", p):
         return
     folds_csv, out = Path(args.folds), Path(args.out)
-    if not folds_csv.is_file():
-        raise PipelineError(f"{folds_csv} is missing: run `dvc repro folds` first.")
-    all_folds = sorted(int(k) for k in pd.read_csv(folds_csv)["fold"].unique())
-    chosen = args.fold or all_folds
-    if not args.fold and ddp.is_main():
-        remove_stale_folds(out, all_folds, refit=p["refit"])
     teacher = Teacher.from_params(params, args.backbone)
-    seconds = {}
-    for k in chosen:
-        start = time.perf_counter()
-        train_fold(Path(args.prepared), folds_csv, out / f"fold{k}", teacher, fold=k,
-                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, k)))
-        seconds[f"fold{k}"] = round(time.perf_counter() - start, 1)
-    if p["refit"] and args.fold:
-        log.info("train.refit: the refit model is trained by a run over every fold (without --fold)")
-    elif p["refit"]:
-        start = time.perf_counter()
-        train_full(Path(args.prepared), folds_csv, out / "full", teacher, epochs=refit_epochs(out, all_folds),
-                   cfg=train_config(p, derived_seed(p["seed"], args.backbone, "full")))
-        seconds["full"] = round(time.perf_counter() - start, 1)
+    if params["folds"]["n"] == 0:
+        seconds = train_without_folds(Path(args.prepared), out, teacher, p, backbone=args.backbone, fold=args.fold)
+    else:
+        seconds = train_folds(Path(args.prepared), folds_csv, out, teacher, p, backbone=args.backbone, fold=args.fold)
     # This run's wall time per model (training, or only predicting when reused), for the headline metrics.
     if ddp.is_main():
         (out / "timing.json").write_text(json.dumps({"seconds": seconds}, indent=2))

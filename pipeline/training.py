@@ -1,5 +1,6 @@
-"""Training a model in a stage (teachers and student alike): its config and seed from params, its processes (DDP),
-and fit() with its curves and kept checkpoint, resumed or reused when the files belong to this run."""
+"""Training one model into one folder (fold models, the refit, the all-cells model, the student and `bench plain`
+alike): its config and seed from params, its processes (DDP), fit() with its curves and kept checkpoint, resumed or
+reused when the files belong to this run, and its prediction CSVs."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +9,19 @@ import zlib
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from pipeline import distributed as ddp
 from pipeline.checkpoints import kept_differences, load_checkpoint, run_fingerprint, save_checkpoint, set_aside
+from pipeline.common import seed_everything
+from pipeline.dataset import CellDataset
 from pipeline.engine import TrainConfig, fit, resolve_device
+from pipeline.models import ModelSpec, data_config
+from pipeline.predictions import eval_dataset, write_predictions, write_split_predictions
+from pipeline.transforms import AugParams, build_transform
+from pipeline.tta import TTASpec
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +97,28 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
             live.summary[k] = v
     model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
     return best, model
+
+
+def train_model(spec: ModelSpec, images: np.ndarray, index: pd.DataFrame, rows: np.ndarray, target: np.ndarray,
+                out: Path, *, aug: AugParams, tta: TTASpec, loss_fn, cfg: TrainConfig, record: dict, fingerprint: dict,
+                val_rows: np.ndarray | None = None, name: str = "") -> tuple[dict, torch.nn.Module, dict]:
+    """The one way to train a model: `spec` on cache rows `rows` against `target` ((N, 2): label, soft target), into
+    `out` (checkpoint.pt, last.pt, live/), validated on `val_rows` (None: the last epoch is kept), then its oof.csv
+    (for `val_rows`), test.csv and hidden.csv. `record` is what its checkpoint records, `fingerprint` what its weights
+    depend on (checkpoints.model_fingerprint). Returns the kept epoch's metrics, the model and the tables by name."""
+    seed_everything(cfg.seed)
+    model = spec.create()
+    norm = data_config(model)
+    train_ds = CellDataset(images[rows], target, build_transform(True, aug, **norm), seed=cfg.seed)
+    labels = index["label"].to_numpy(dtype=float)
+    val_ds = None if val_rows is None else eval_dataset(images[val_rows], norm)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("%s: %d train / %d validation images, seed %d", name or spec.backbone, len(rows),
+             0 if val_rows is None else len(val_rows), cfg.seed)
+    best, model = train_logged(model, spec.backbone, train_ds, val_ds,
+                               None if val_rows is None else labels[val_rows].astype(int), loss_fn, cfg, out, record,
+                               fingerprint)
+    tables = {} if val_rows is None else {
+        "oof": write_predictions(model, images, index, val_rows, out / "oof.csv", cfg, tta, norm)}
+    tables.update(write_split_predictions(model, images, index, out, cfg, tta, norm))
+    return best, model, tables

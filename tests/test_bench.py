@@ -5,30 +5,47 @@ import logging
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.ablations import bench_plain
 from pipeline.engine import TrainConfig
 from pipeline.models import ModelSpec
+from pipeline.teachers import Teacher
 from pipeline.transforms import AugParams
+from pipeline.tta import TTASpec
+
+
+def plain_teacher(aug: AugParams = AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)) -> Teacher:
+    return Teacher(ModelSpec("resnet10t"), aug, TTASpec(("identity", "hflip"), 0.875), {"bench": True},
+                   {"img_size": 32})
 
 
 def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nndl_prepared, tmp_path, caplog):
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, select_best=False, num_workers=0, device="cpu")
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, num_workers=0, device="cpu", seed=7)
     with caplog.at_level(logging.INFO):
-        r = bench_plain(nndl_prepared.out, tmp_path, model=ModelSpec("resnet10t"), cfg=cfg,
-                        aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
+        r = bench_plain(nndl_prepared.out, tmp_path, teacher=plain_teacher(), cfg=cfg)
     assert (r["train_images"], r["test_images"]) == (3000, 600)
     assert r["test_roc_auc"] > 0.85 and 0 < r["test_accuracy_se"] < 0.025  # two epochs learn; the SE of 600 cells
     assert "test accuracy" in caplog.text
     per_cell = pd.read_csv(tmp_path / "test.csv")  # for paired tests (pipeline.compare)
     assert len(per_cell) == 600 and per_cell["prob"].between(0, 1).all()
+    # The train stage's all-cells model, whole: the kept (last) checkpoint, curves and the hidden predictions.
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["fingerprint"]["params"]["model.fold"] == "all"
+    assert len(pd.read_csv(tmp_path / "live/plots/metrics/train_loss.tsv", sep="\t")) == 2
+    assert len(pd.read_csv(tmp_path / "hidden.csv")) == 600
+    # A benchmark always trains fresh: a second run sets the finished last.pt aside instead of reusing it.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = bench_plain(nndl_prepared.out, tmp_path, teacher=plain_teacher(), cfg=cfg)
+    assert "always trains from scratch" in caplog.text and "not retraining" not in caplog.text
+    assert again["test_accuracy"] == r["test_accuracy"]  # the same seed, the same model
 
 
 def test_plain_train_cells_sets_the_epochs_size(nndl_prepared, tmp_path):
     """--train-cells repeats (or cuts) the training cells to time an epoch of another data set's size."""
-    cfg = TrainConfig(epochs=1, batch_size=64, ema_decay=0, select_best=False, num_workers=0, device="cpu")
-    r = bench_plain(nndl_prepared.out, tmp_path, model=ModelSpec("resnet10t"), cfg=cfg, train_cells=128,
-                    aug=AugParams(affine=0, color=0, blur=0, noise=0, dropout=0))
+    cfg = TrainConfig(epochs=1, batch_size=64, ema_decay=0, num_workers=0, device="cpu")
+    r = bench_plain(nndl_prepared.out, tmp_path, teacher=plain_teacher(), cfg=cfg, train_cells=128)
     assert r["train_images"] == 128 and r["test_images"] == 600
 
 

@@ -106,7 +106,7 @@ def test_refit_trains_on_every_training_cell_for_the_folds_mean_epochs(trained):
     last = torch.load(full / "last.pt", weights_only=False)
     assert last["fingerprint"]["params"]["config.epochs"] == n and not last["fingerprint"]["params"][
         "config.select_best"]
-    assert last["fingerprint"]["params"]["model.fold"] == "full" and "folds.csv" in last["fingerprint"]["inputs"]
+    assert last["fingerprint"]["params"]["model.fold"] == "full" and "folds" in last["fingerprint"]["inputs"]
     assert len(pd.read_csv(full / "live/plots/metrics/train_loss.tsv", sep="\t")) == n
     assert "val_roc_auc" not in last["state"]["best"]  # no validation set
     index = pd.read_csv(root / "prepared/index.csv")

@@ -59,10 +59,27 @@ def test_dvc_stage_lists_what_the_report_reads():
     assert set(args) == PARAMETERS - {"params_file"}
     from pipeline.report import required_inputs
 
-    needed = required_inputs(**{k: v for k, v in args.items() if k not in ("timings", "ablations")},
-                             backbones=["b"], n_folds=1)
-    for path in map(str, needed):  # the file itself, or a folder holding it
-        assert any(path == d or path.startswith(d + "/") for d in stage["deps"]), f"{path} is not a dependency"
+    for n_folds in (1, 0):  # fold<k>/ folders, or full/ without folds
+        needed = required_inputs(**{k: v for k, v in args.items() if k not in ("timings", "ablations")},
+                                 backbones=["b"], n_folds=n_folds)
+        for path in map(str, needed):  # the file itself, or a folder holding it
+            assert any(path == d or path.startswith(d + "/") for d in stage["deps"]), f"{path} is not a dependency"
+
+
+def test_required_inputs_without_folds_ask_for_the_all_cells_models():
+    """folds.n 0: each backbone's full/ model and its training-loss curve; no fold folders, no validation curves."""
+    from pipeline.report import required_inputs
+
+    paths = dict(prepared="p", folds="f.csv", models="m", ensemble="e", student="s", submissions="sub", export="x")
+    needed = {str(p): stage for p, stage in required_inputs(**paths, backbones=["b1", "b2"], n_folds=0).items()}
+    for b in ("b1", "b2"):
+        assert needed[f"m/{b}/full/live/metrics.json"] == f"train@{b}"
+        assert needed[f"m/{b}/full/live/plots/metrics/train_loss.tsv"] == f"train@{b}"
+    assert not [p for p in needed if "/fold" in p or "val_" in p]
+    assert "e/oof.csv" in needed and "s/label_issues.csv" in needed  # written, empty or unchecked, in both modes
+    with_folds = {str(p) for p in required_inputs(**paths, backbones=["b1"], n_folds=2)}
+    assert "m/b1/fold1/live/plots/metrics/val_roc_auc.tsv" in with_folds
+    assert "m/b1/full/live/metrics.json" not in with_folds
 
 
 def run_report(tmp_path: Path, monkeypatch, notebook: Path = NOTEBOOK) -> None:
@@ -263,6 +280,42 @@ def test_model_card_from_the_run(tmp_path):
     assert "`--model student-int8` runs the int8 copy" in card
     local = model_card(**paths, params={**params, "data": {**params["data"], "source": "local", "path": "nih.zip"}})
     assert "demo" not in local.lower() and "`nih.zip`" in local
+
+
+def no_fold_run(root: Path) -> dict:
+    """fake_run as a run without folds (folds.n 0) writes it: fold -1, an empty oof.csv, no CV scores."""
+    paths = fake_run(root)
+    folds = pd.read_csv(root / "folds.csv").assign(fold=-1)
+    folds.to_csv(root / "folds.csv", index=False)
+    pd.read_csv(root / "ensemble" / "oof.csv").head(0).to_csv(root / "ensemble" / "oof.csv", index=False)
+    # The test cells (slide C3P3thinF, labels 1, 0, 1, 0): two mistakes at 0.5.
+    index = pd.read_csv(root / "prepared" / "index.csv")
+    test = index[index["split"] == "test"][["img_name", "label"]].astype({"label": float})
+    test.assign(ensemble=[0.6, 0.4, 0.8, 0.2], ensemble_tta=[0.2, 0.1, 0.9, 0.7]).to_csv(
+        root / "ensemble" / "test.csv", index=False, float_format="%.6f")
+    blend = {"method": "mean", "weights": {"resnet10t": 1.0}, "cv_log_loss": None, "threshold": 0.5,
+             "threshold_cv_accuracy": None}
+    (root / "ensemble" / "scores.json").write_text(json.dumps(
+        {"cv": False, "blend": {"ensemble": blend, "ensemble_tta": blend}, "refit": {"on": False}}))
+    board = pd.read_csv(root / "sub" / "leaderboard.csv").assign(cv_accuracy=float("nan"), cv_roc_auc=float("nan"))
+    board.to_csv(root / "sub" / "leaderboard.csv", index=False)
+    return paths
+
+
+def test_model_card_without_folds_says_there_is_no_cv(tmp_path):
+    from pipeline.params import load_params
+    from pipeline.model_card import model_card
+
+    params = load_params(ROOT / "params.yaml")
+    params = {**params, "folds": {**params["folds"], "n": 0}, "train": {**params["train"], "epochs": 3}}
+    card = model_card(**no_fold_run(tmp_path), params=params)
+    assert ("No cross-validation (folds.n 0): each backbone trained once on all 8 training cells for 3 epochs, the "
+            "last epoch kept; scores are on the labelled test set only.") in card
+    assert "-fold cross-validation" not in card and "per fold" not in card
+    assert "Labelled-test (no cross-validation) scores" in card and "CV accuracy" not in card
+    assert "| student_tta.csv | 0.9437 | 0.9810 |" in card  # the test columns alone
+    assert "2 of 4 labelled-test predictions of `ensemble_tta` (threshold 0.500)" in card
+    assert "| C3P3thinF | 2 | 4 | 50% |" in card.split("labelled-test predictions")[-1]
 
 
 def test_pdf_failures_name_the_file_and_the_fix(tmp_path, monkeypatch):
