@@ -61,7 +61,7 @@ def test_tiny_full_chain_on_real_sample(tiny_chain, shared_data):
     r = dvc(project, "exp", "run", "-S", f"data.path={shared_data / 'cell_images-sample.zip'}", "-S", "folds.n=3")
     log = r.stdout + r.stderr
     assert log.count("Setting aside") == len(models), log[-4000:]  # fold2 is new: nothing to set aside
-    assert "images.npy content changed" in log and "Resuming" not in log and "not retraining" not in log
+    assert "cells content changed" in log and "Resuming" not in log and "not retraining" not in log
     assert all(sha256(m / "checkpoint.pt") != h for m, h in before.items())
     folds = pd.read_csv(project / "data/folds.csv")
     assert len(folds) < 1000 and folds["img_name"].str.startswith("C").all()  # the public sample's cells
@@ -79,6 +79,24 @@ def test_tiny_full_chain_on_real_sample(tiny_chain, shared_data):
     oof = pd.read_csv(project / "data/ensemble/oof.csv")
     assert sorted(oof["img_name"]) == sorted(folds["img_name"]) and oof["ensemble"].notna().all()
     check_executed_report(project)
+
+    # No folds (folds.n 0): each backbone once on all cells, through submission, export and report; a second repro
+    # is a no-op, and other fold params re-run the stages that list them without retraining anything.
+    dvc(project, "exp", "run", "-S", "folds.n=0")
+    for b in ("resnet10t", "efficientnet_b0"):
+        assert [d.name for d in (project / "data/models" / b).iterdir() if d.is_dir()] == ["full"]
+    board = pd.read_csv(project / "submissions/latest/leaderboard.csv")
+    assert board["cv_accuracy"].isna().all() and board["test_accuracy"].notna().all()
+    assert json.loads((project / "data/ensemble/scores.json").read_text())["cv"] is False
+    assert (project / "data/export/student.onnx").is_file()
+    check_executed_report(project)
+    assert "didn't change" in dvc(project, "repro").stdout and "Running stage" not in dvc(project, "repro").stdout
+    before = {m: sha256(m / "checkpoint.pt") for m in [project / f"data/models/{b}/full"
+                                                        for b in ("resnet10t", "efficientnet_b0")]}
+    r = dvc(project, "exp", "run", "-S", "folds.seed=7", "-S", "folds.group_by=none")
+    log = r.stdout + r.stderr
+    assert log.count("not retraining") == 3 and "Setting aside" not in log, log[-4000:]  # 2 backbones, the student
+    assert all(sha256(m / "checkpoint.pt") == h for m, h in before.items())
 
 
 def test_bad_params_stop_dvc_repro_before_any_work(tmp_path):
