@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.params import load_params, params_table, schema_keys
+from pipeline.params import load_params, map_keys, params_table, schema_keys, with_overrides
 from pipeline.validate import main as validate_main
 from helpers import with_value
 
@@ -166,13 +166,11 @@ def test_readme_presets_are_valid_params(tmp_path):
     for name, sets in presets.items():
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         for kv in sets:
-            key, value = kv.split("=", 1)
-            assert key in schema_keys(), f"preset {name}: {key} is not a params key"
-            params = with_value(key, yaml.safe_load(value), params)
-        if params["data"]["source"] == "local":
-            params["data"]["path"] = params["data"]["path"] or "x.zip"
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params))
-        load_params(tmp_path / f"{name}.yaml")  # raises naming the bad key
+            key = kv.split("=", 1)[0].lstrip("+")
+            assert key in schema_keys() or key.rsplit(".", 1)[0] in map_keys(), f"preset {name}: {key} is not a params key"
+        if any(kv.startswith("data.source=local") for kv in sets) and not any(kv.startswith("data.path=") for kv in sets):
+            sets = [*sets, "data.path=x.zip"]
+        with_overrides(params, sets, f"preset {name}")  # as `dvc exp run -S` reads them; raises naming the bad key
 
 
 def test_a_bad_lr_by_backbone_value_names_its_entry(tmp_path, monkeypatch, capsys):
