@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.checkpoints import set_aside
+from pipeline.common import PipelineError
 from pipeline.compare import labels_by_name, paired, summary
 from pipeline.dataset import load_cache, split_rows
 from pipeline.engine import TrainConfig
@@ -67,6 +68,10 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     own train_fold and seeds; finished folds are reused, so a TTA-only change only re-predicts): OOF accuracy and
     AUC, the fold-averaged labelled-test accuracy (± binomial SE) and AUC with the configured TTA, minutes, and the
     paired test against `reference` (the base row's run folder, say)."""
+    if params["folds"]["n"] == 0:
+        raise PipelineError("bench ablate scores a switch by CV over the folds, and folds.n is 0: add --set folds.n=3 "
+                            "(with its folds.csv from `dvc repro folds`), or score one model on all cells with "
+                            "`python -m pipeline.bench plain`.")
     backbone = params["train"]["backbones"][0]
     params = for_backbone(params, backbone)
     p, teacher = params["train"], Teacher.from_params(params, backbone)

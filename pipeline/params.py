@@ -84,7 +84,8 @@ class Train(Section):
     patience: int = Field(ge=1, description="early stopping of fold models: epochs without a better validation AUC "
                                             "(folds.n 0: no validation, so no effect; the last epoch is kept)")
     refit: bool = Field(description="after CV, retrain each backbone on every training cell for the folds' mean kept "
-                                    "epochs; its test/hidden predictions replace the fold average")
+                                    "epochs; its test/hidden predictions replace the fold average (folds.n 0: no "
+                                    "effect, each model already learns every cell)")
     drop_rate: float = Field(ge=0, lt=1, description="dropout before the classifier")
     drop_path_rate: float = Field(ge=0, lt=1, description="stochastic depth: max rate of dropping a residual "
                                                            "branch (0 = off)")
@@ -94,7 +95,9 @@ class Train(Section):
                                                    "too, each takes half the batches")
     progressive: float = Field(gt=0, le=1, description="progressive resizing: first epoch at this fraction of "
                                                        "data.img_size, full size from the middle epoch (1 = off)")
-    pretrained: bool = Field(description="start from ImageNet weights (train.weights_dir, else the HF hub)")
+    pretrained: Union[bool, list[str]] = Field(
+        description="start from ImageNet weights (train.weights_dir, else the HF hub): true for every model (teachers "
+                    "and student), false for none, or a list of the timm names that do")
     weights_dir: str = Field(description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         description="auto: a CUDA GPU when one is visible, else Apple's GPU (mps) where torch has it, else the CPU")
@@ -256,11 +259,23 @@ def _known_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# How pydantic names the branch of a Union a value failed (train.pretrained: bool or list of names).
+_UNION_BRANCH = re.compile(r"^(bool|int|float|str|list\[.*\]|dict\[.*\]|literal\[.*\]|constrained-.*)$")
+
+
 def describe(e: ValidationError, file: str | Path) -> str:
     """One line per problem: the dotted key, the value, what is allowed (or the closest known key)."""
-    lines = []
+    lines, union = [], {}
     for err in e.errors(include_url=False):
         loc = tuple(str(p) for p in err["loc"])
+        if loc and _UNION_BRANCH.match(loc[-1]):  # one problem per branch of a choice: said once, branches joined
+            key = ".".join(loc[:-1])
+            if key in union:
+                lines[union[key]] += f", or {err['msg'].removeprefix('Input should be ')}"
+                continue
+            union[key] = len(lines)
+            lines.append(f"{key}: {err.get('input')!r} is not allowed: {err['msg']}")
+            continue
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _known_at(loc), n=1, cutoff=0.5)

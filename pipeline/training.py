@@ -28,10 +28,17 @@ log = logging.getLogger(__name__)
 
 def for_backbone(params: dict, backbone: str) -> dict:
     """params as one model sees them: train.lr is train.lr_by_backbone's entry for `backbone` when it has one, and the
-    map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be)."""
+    map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be);
+    train.pretrained is true or false for this model alone."""
     t = {k: v for k, v in params["train"].items() if k != "lr_by_backbone"}
     t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])  # idempotent: the map is gone after
+    t["pretrained"] = starts_pretrained(t["pretrained"], backbone)  # a list of names becomes this model's answer
     return {**params, "train": t}
+
+
+def starts_pretrained(pretrained: bool | list[str], backbone: str) -> bool:
+    """train.pretrained for one model: true, false, or whether the list of timm names holds it."""
+    return pretrained if isinstance(pretrained, bool) else backbone in pretrained
 
 
 def train_config(p: dict, seed: int, **overrides) -> TrainConfig:

@@ -176,3 +176,11 @@ def test_the_student_refuses_a_label_check_it_cannot_make(trained, tmp_path):
         distill(root / "prepared", tmp_path / "ens", root / "models", tmp_path / "student",
                 student=ModelSpec(BACKBONE), recipe=recipe, cfg=TrainConfig(epochs=1, device="cpu"), aug=AugParams(),
                 tta=TTASpec(), params={}, backbones=[BACKBONE])
+
+
+def test_bench_ablate_names_the_fix_without_folds(mini, tmp_path):
+    from pipeline.ablations import bench_ablate
+
+    params = load_params(mini / "params.yaml")
+    with pytest.raises(PipelineError, match="folds.n is 0: add --set folds.n=3"):
+        bench_ablate(mini / "prepared", mini / "folds.csv", tmp_path / "ablate", params, "base", [])

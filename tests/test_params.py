@@ -211,3 +211,19 @@ def test_overrides_read_a_map_as_dvc_exp_run_does():
                 "+train.lrr=1", "~train.lr_by_backbone.resnet18"):
         with pytest.raises(PipelineError, match="a new entry of a map: \\+train.lr_by_backbone"):
             with_overrides(PARAMS, [bad])
+
+
+def test_pretrained_names_the_models_that_start_from_imagenet(tmp_path):
+    """train.pretrained as a list: those timm names start from ImageNet weights, every other model (the student) from
+    scratch; each model's params (and fingerprint) hold only its own true or false."""
+    from pipeline.teachers import Teacher
+    from pipeline.training import for_backbone
+
+    params = with_value("train.pretrained", ["tf_efficientnet_lite0"])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    loaded = load_params(tmp_path / "p.yaml")
+    assert for_backbone(loaded, "tf_efficientnet_lite0")["train"]["pretrained"] is True
+    assert for_backbone(loaded, "resnet10t")["train"]["pretrained"] is False
+    teacher = Teacher.from_params(loaded, "tf_efficientnet_lite0")
+    assert teacher.model.pretrained and teacher.learned["train.pretrained"] is True
+    assert not Teacher.from_params(loaded, "resnet10t").model.pretrained
