@@ -321,17 +321,18 @@ def with_overrides(params: dict, sets: list[str], source: str = "--set") -> dict
     (Hydra) reads them: `+key=value` adds a map's entry, `~key` removes one, a map value merges into the map."""
     out = json.loads(json.dumps(params))
     for item in sets:
-        op = item[0] if item[:1] in ("+", "~") else ""
+        op = "++" if item.startswith("++") else item[0] if item[:1] in ("+", "~") else ""
         key, sep, value = item[len(op):].partition("=")
         *path, leaf = key.split(".")
         node = out
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
         in_map = ".".join(path) in map_keys()  # e.g. train.lr_by_backbone.densenet121
+        # +key adds a map's entry, ++key adds or overrides it (a preset run twice in one workspace), ~key removes it.
         if not isinstance(node, dict) or (op and not in_map) or (op == "~") == bool(sep) or (
-                (leaf in node) == (op == "+")):
+                op in ("+", "~") and (leaf in node) == (op == "+")) or (not op and leaf not in node):
             raise PipelineError(f"{source} {item!r}: expected key=value with a key of params.yaml, e.g. train.mixup=0.2"
-                                " (a new entry of a map: +train.lr_by_backbone.resnet18=0.001; remove one: "
+                                " (a new entry of a map: +train.lr_by_backbone.resnet18=0.001, or ++ to add or override; remove one: "
                                 "~train.lr_by_backbone.densenet121)")
         if op == "~":
             del node[leaf]

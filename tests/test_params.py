@@ -205,6 +205,8 @@ def test_overrides_read_a_map_as_dvc_exp_run_does():
     lrs = lambda *sets: with_overrides(PARAMS, list(sets))["train"]["lr_by_backbone"]
     assert lrs("+train.lr_by_backbone.resnet18=0.001") == {"densenet121": 0.002, "resnet18": 0.001}
     assert lrs("~train.lr_by_backbone.densenet121") == {}
+    assert lrs("++train.lr_by_backbone.densenet121=0.1") == {"densenet121": 0.1}  # add or override: a preset rerun
+    assert lrs("++train.lr_by_backbone.resnet18=0.001") == {"densenet121": 0.002, "resnet18": 0.001}
     assert lrs("train.lr_by_backbone.densenet121=0.001") == {"densenet121": 0.001}
     assert lrs("train.lr_by_backbone={}") == {"densenet121": 0.002}  # merged, as DVC does: {} clears nothing
     for bad in ("train.lr_by_backbone.resnet18=0.001", "+train.lr_by_backbone.densenet121=0.1", "~train.lr",
