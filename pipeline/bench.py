@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline import precision as amp_precision
@@ -21,6 +20,7 @@ from pipeline.common import PipelineError, run_main
 from pipeline.dataset import CellDataset, load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, compiled, resolve_device, setup_device, train_loader, workers
 from pipeline.error_analysis import run_errors
+from pipeline.images import decode
 from pipeline.losses import LabelLoss
 from pipeline.models import create_model, data_config
 from pipeline.params import load_params, with_overrides
@@ -41,8 +41,7 @@ class PngDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as im:
-            x = np.asarray(im.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR))
+        x = decode(self.paths[i], self.size)[0]  # the cache's own decoding: PNG and JPEG only, bounded
         return self.transform(image=x)["image"], torch.zeros(2)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import timm
 import torch
 
-from pipeline.common import PipelineError, written_whole
+from pipeline.common import PipelineError, move_aside, written_whole
 from pipeline.models import create_model, data_config, local_weights
 from pipeline.weights_only import UntrustedCheckpoint, read_checkpoint
 
@@ -249,14 +249,23 @@ def run_fingerprint(cfg, base: dict | None) -> dict:
 
 
 def set_aside(last: Path, reasons: list[str]) -> None:
-    """Remove a last.pt that does not belong to this run, saying why: the one log line of every such decision."""
-    log.warning("Setting aside %s and training from scratch, because %s", last, "; ".join(reasons))
-    last.unlink()
+    """Move a last.pt that does not belong to this run, and the checkpoint.pt beside it that retraining would overwrite,
+    into set-aside/ with their reason (common.move_aside: the newest two of each kept), saying why: the one log line
+    of every such decision."""
+    reason = "; ".join(reasons)
+    moved = [move_aside(p, reason) for p in (last, last.with_name("checkpoint.pt")) if p.is_file()]
+    log.warning("Setting aside %s and training from scratch, because %s (moved to %s; the newest two set-asides of "
+                "each file are kept)", last, reason, ", ".join(map(str, moved)) or "nowhere: it was gone")
 
 
 def resume_state(last: Path, current: dict) -> dict | None:
-    """The contents of `last` if it was trained on exactly `current`'s inputs; otherwise it is set aside (removed)."""
+    """The contents of `last` if it was trained on exactly `current`'s inputs; otherwise it is set aside (moved)."""
     if not last.is_file():
+        orphan = last.with_name("checkpoint.pt")
+        if orphan.is_file():  # no last.pt says which run it is from, and training from scratch would overwrite it
+            new = move_aside(orphan, f"no {last.name} beside it said which run it belonged to; trained afresh")
+            log.warning("Moving %s aside to %s: no %s says which run it is from, and training from scratch writes a "
+                        "new one", orphan, new, last.name)
         return None
     try:
         ck = read_checkpoint(last)
@@ -264,7 +273,7 @@ def resume_state(last: Path, current: dict) -> dict | None:
         if not diff and not ck["state"]["done"]:  # a half-trained run resumes only with the same process split
             diff = resume_only_differences(ck.get("fingerprint"), current)
     except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
-        ck, diff = None, [f"it is not weights only: {e.reason}"]
+        ck, diff = None, [e.summary]
     except Exception as e:  # a truncated or foreign file must not stop a fresh run
         ck, diff = None, [f"it cannot be read ({type(e).__name__}: {e})"]
     if not diff:
@@ -289,7 +298,7 @@ def kept_differences(ckpt: Path, last: Path, base: dict, run: dict) -> list[str]
         resumable = read_checkpoint(last)
         state = resumable.get("state", {})
     except UntrustedCheckpoint as e:  # someone else's file, which could run code: never loaded
-        return [f"{path} is not weights only: {e.reason}"]
+        return [f"{path}: {e.summary}"]
     except Exception as e:  # a truncated or foreign file: it does not belong to this run
         return [f"{path} cannot be read ({type(e).__name__}: {e})"]
     if kept.get("epoch") != state.get("best_epoch"):
@@ -315,7 +324,19 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     if not Path(path).is_file():
         raise PipelineError(f"Checkpoint {path} is missing: run the stage that makes it (`dvc repro`).")
     ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"arch", "state_dict"} <= set(ckpt):
+        raise PipelineError(f"{path} is not a checkpoint this pipeline wrote (no arch and state_dict); delete it and "
+                            "run `dvc repro`.")
     model = create_model(ckpt["arch"], pretrained=False)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # another timm names or shapes this architecture's layers differently
+        trained = ((ckpt.get("fingerprint") or {}).get("measured") or {}).get("builds", {}).get("timm")
+        detail = " ".join(str(e).split())[:300]
+        raise PipelineError(
+            f"{path}: timm {timm.__version__} cannot load this {ckpt['arch']}'s weights (trained with timm "
+            f"{trained or 'of another version'}): {detail}. Install the timm it was trained with"
+            f"{f' (`pip install timm=={trained}`)' if trained else ''}, or retrain it (move the file aside and run "
+            "`dvc repro`).") from None
     model.trained_precision = ckpt.get("precision", "fp32")  # older checkpoints: predicted in fp32
     return model.to(device).to(memory_format=torch.channels_last).eval(), ckpt

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +48,39 @@ def disk_full(e: BaseException) -> bool:
     return False
 
 
+# Written into a folder that written_whole replaces through a link (data/raw linked to a bigger disk): the link's
+# target is replaced only while it is empty or holds this file, so a link to a user's own folder never loses its files.
+OUTPUT_MARKER = ".written-by-pipeline"
+# Called with each file written_whole completes (pipeline.weights_only keeps a ledger of its checkpoints there).
+AFTER_WRITE: list = []
+
+
+def _linked_target(path: Path) -> Path:
+    """The folder a link points to, if the pipeline may replace it: empty, or holding OUTPUT_MARKER."""
+    target = path.resolve()
+    if any(target.iterdir()) and not (target / OUTPUT_MARKER).is_file():
+        raise PipelineError(f"{path} is a link to {target}, which holds files this pipeline did not write; the "
+                            "pipeline replaces what it writes there, so it writes through a link only into an empty "
+                            f"folder or one it wrote. Point {path} at an empty folder, or remove the link.")
+    return target
+
+
 @contextmanager
 def written_whole(path: Path, needed_bytes: int | None = None):
     """Yield a temporary path beside `path` (a file or a folder) to write into; on success it replaces `path`, so a
     later run never trusts a half-written one. On any failure the temporary is removed and `path` is left as it was;
-    a full disk is one PipelineError naming the path and about how much space it needs."""
+    a full disk is one PipelineError naming the path and about how much space it needs. A folder reached through a
+    link is replaced only while it is empty or written by the pipeline (OUTPUT_MARKER)."""
     path = Path(path)
-    if path.is_symlink() and path.is_dir():  # a folder linked to a bigger disk: write there, keep the link
-        path = path.resolve()
+    linked = path.is_symlink() and path.is_dir()
+    if linked:  # a folder linked to a bigger disk: write there, keep the link
+        path = _linked_target(path)
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     try:
         yield tmp
+        if linked and tmp.is_dir():
+            (tmp / OUTPUT_MARKER).write_text("Written by the malaria pipeline; it replaces this folder's files.\n")
         if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed over another: move the old one aside first
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -67,6 +89,8 @@ def written_whole(path: Path, needed_bytes: int | None = None):
             shutil.rmtree(old)
         else:
             tmp.replace(path)
+        for hook in AFTER_WRITE:
+            hook(path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if not disk_full(e):
@@ -77,6 +101,37 @@ def written_whole(path: Path, needed_bytes: int | None = None):
                             f"{free / 2**20:,.0f} MB are free. Free some space (DVC's cache of older runs: "
                             "`dvc gc -w`) and run again; the last complete files are kept."
                             ) from None
+
+
+def move_aside(path: Path, reason: str, keep: int = 2) -> Path:
+    """Rename `path` into set-aside/ beside it, stamped with the time and its reason in a .why.txt next to it; only the
+    newest `keep` set-asides of each name stay, so they never pile up. Returns the new path."""
+    folder = path.parent / "set-aside"
+    folder.mkdir(exist_ok=True)
+    (folder / ".gitignore").write_text("*\n")  # set-asides beside DVC's outputs are never committed
+    while True:  # the time to the microsecond, which sorts as it was written; two in one microsecond wait
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        if not (new := folder / f"{path.stem}.{stamp}{path.suffix}").exists():
+            break
+        time.sleep(1e-6)
+    path.replace(new)
+    new.with_name(f"{new.stem}.why.txt").write_text(f"{path} was set aside at {stamp}: {reason}\n")
+    for old in sorted(folder.glob(f"{path.stem}.*Z{path.suffix}"))[:-keep]:
+        old.unlink()
+        old.with_name(f"{old.stem}.why.txt").unlink(missing_ok=True)
+    return new
+
+
+def path_overlap(path: Path, other: Path) -> str | None:
+    """How `path` lies against `other` once links are followed: "the same folder as", "inside" or "a folder above";
+    None when neither holds the other (or either cannot be resolved)."""
+    try:
+        a, b = Path(path).resolve(), Path(other).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError on Python 3.11)
+        return None
+    if a == b:
+        return "the same folder as"
+    return "inside" if a.is_relative_to(b) else "a folder above" if b.is_relative_to(a) else None
 
 
 def write_text_whole(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.common import PipelineError, is_image_file, run_main
+from pipeline.images import decode, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def cells(source_zip: Path) -> dict[str, tuple[str, bytes]]:
 
 def png64(data: bytes) -> bytes:
     """The cell resized to SIZE x SIZE RGB as prepare resizes (bilinear), as a PNG."""
-    with Image.open(io.BytesIO(data)) as im:
-        small = im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    small = Image.fromarray(decode(io.BytesIO(data), SIZE)[0])
     buf = io.BytesIO()
     small.save(buf, "PNG", optimize=True)
     return buf.getvalue()
@@ -61,8 +61,8 @@ def content_digest(bundle: Path) -> str:
     h = hashlib.sha256()
     with zipfile.ZipFile(bundle) as z:
         for name in sorted(z.namelist()):
-            with Image.open(io.BytesIO(z.read(name))) as im:
-                h.update(name.encode() + im.convert("RGB").tobytes())
+            with open_image(io.BytesIO(z.read(name))) as im:
+                h.update(name.encode() + to_rgb(im).tobytes())
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.cards import require_usable_cards
 from pipeline.common import RANK_ERRORS_ENV, PipelineError, batch_split_problem
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,12 @@ def launched() -> bool:
 
 
 def processes_wanted(gpus: str | int, device: str) -> int:
-    """Processes that `train.gpus` asks for on `train.device`: auto = one per visible GPU, one on the CPU."""
+    """Processes that `train.gpus` asks for on `train.device`: auto = one per visible GPU, one on the CPU. On CUDA,
+    first one tiny op on every visible card: a card this torch has no kernels for stops here, with the fix, before
+    any training (a P100 under a CUDA 12.8+ build would fail at the first op of each process)."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        require_usable_cards()
     visible = torch.cuda.device_count() if cuda else 0
     mps = device == "mps" or (device == "auto" and not cuda and torch.backends.mps.is_available())
     if mps and gpus != "auto" and gpus > 1:

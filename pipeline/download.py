@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import zipfile
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main, written_whole
+from pipeline.archives import Budget, copy_folder, extract_zip, unpack_nested
+from pipeline.common import PipelineError, path_overlap, run_main, written_whole
 from pipeline.kaggle_client import OFFLINE_HINT, kaggle_api
 from pipeline.params import load_params
 
@@ -28,33 +28,11 @@ def download_kaggle(out: Path, competition: str, dataset: str) -> None:
         raise PipelineError(
             f"Downloading Kaggle {what} failed: {type(e).__name__}: {e}. Check the network, the slug in "
             f"params.yaml, and that you accepted the competition's rules. {OFFLINE_HINT}") from None
+    budget = Budget(out)
     for z in sorted(tmp.glob("*.zip")):
-        extract_zip(z, out)
+        extract_zip(z, out, budget)
     shutil.rmtree(tmp)
-    unpack_nested(out)
-
-
-def extract_zip(zip_path: Path, dest: Path) -> None:
-    """Extract one zip into dest, refusing members that would land outside it."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            for member in zf.infolist():
-                target = (dest / member.filename).resolve()
-                # Refuse zip-slip paths; skip macOS resource forks.
-                if not target.is_relative_to(dest.resolve()):
-                    raise PipelineError(f"{zip_path}: member {member.filename!r} escapes the archive folder.")
-                if member.filename.startswith("__MACOSX/"):
-                    continue
-                zf.extract(member, dest)
-    except zipfile.BadZipFile:
-        raise PipelineError(f"{zip_path} is not a valid zip file; download it again.") from None
-
-
-def unpack_nested(root: Path) -> None:
-    """Extract zips found under root next to where they lie, until none is left (Kaggle nests train.zip)."""
-    while inner := next(iter(sorted(root.rglob("*.zip"))), None):
-        extract_zip(inner, inner.parent)
-        inner.unlink()
+    unpack_nested(out, budget)
 
 
 def fetch_local(out: Path, path: str) -> None:
@@ -63,19 +41,24 @@ def fetch_local(out: Path, path: str) -> None:
     src = Path(path).expanduser()
     if not src.exists():
         raise PipelineError(f"data.path {src} does not exist (relative paths are from the project root).")
+    budget = Budget(out)
     if src.is_dir():
         log.info("Copying %s", src)
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        copy_folder(src, out, budget)
     else:
         log.info("Extracting %s", src)
-        extract_zip(src, out)
-    unpack_nested(out)
+        extract_zip(src, out, budget)
+    unpack_nested(out, budget)
 
 
 def download(out: Path, *, source: str, path: str, competition: str, dataset: str, synthetic: dict,
              seed: int, demo: Path | None = None) -> None:
     if source not in ("demo", "kaggle", "local", "synthetic"):
         raise PipelineError(f"data.source is {source!r}; use one of: demo, kaggle, local, synthetic.")
+    if source == "local" and path and (relation := path_overlap(Path(path).expanduser(), out)):
+        # The folder is replaced whole: a data.path in it would be deleted, one above it copied into itself.
+        raise PipelineError(f"data.path {path} is {relation} {out}, this stage's output, which it replaces: move the "
+                            "data outside it and set data.path there.")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Unpacked beside `out` and renamed when complete: a kill mid-unpack never leaves a half data/raw.
     with written_whole(out) as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -121,50 +122,57 @@ def export(prepared: Path, student: Path, out: Path, *, tta: TTASpec) -> dict:
     # The reference: the pipeline's own prediction function on the cache, in fp32 on the CPU.
     reference = predict(model, eval_dataset(images[test], norm), TrainConfig(batch_size=64, num_workers=0, device="cpu"), torch.device("cpu"),
                         desc="torch")[:, 0]
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"onnx_fp32": out / "student.onnx", "onnx_int8": out / "student.int8.onnx"}
-    to_onnx(model, size, files["onnx_fp32"])
-    seconds["export"] = round(time.perf_counter() - t0, 2)
-    train = split_rows(index, "train")
-    calib = np.random.default_rng(0).choice(train, min(CALIBRATION_IMAGES, len(train)), replace=False)
-    t1 = time.perf_counter()
-    to_int8(files["onnx_fp32"], files["onnx_int8"], normalize(images[np.sort(calib)], norm["mean"], norm["std"]))
-    seconds["quantize"] = round(time.perf_counter() - t1, 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The five files replace the old ones as one set (a folder swapped in, as prepare does): a kill or a failed
+    # check never leaves new models beside an old model.json, which `predict` trusts.
+    with written_whole(out) as folder:
+        folder.mkdir()
+        files = {"onnx_fp32": folder / "student.onnx", "onnx_int8": folder / "student.int8.onnx"}
+        to_onnx(model, size, files["onnx_fp32"])
+        seconds["export"] = round(time.perf_counter() - t0, 2)
+        train = split_rows(index, "train")
+        calib = np.random.default_rng(0).choice(train, min(CALIBRATION_IMAGES, len(train)), replace=False)
+        t1 = time.perf_counter()
+        to_int8(files["onnx_fp32"], files["onnx_int8"], normalize(images[np.sort(calib)], norm["mean"], norm["std"]))
+        seconds["quantize"] = round(time.perf_counter() - t1, 2)
 
-    formats = {"torch_fp32": {"file": str(student / "checkpoint.pt"), "prob": reference}}
-    for name, f in files.items():
-        formats[name] = {"file": str(f), "prob": onnx_io.predict(onnx_io.session(f), x)}
-    for name, r in formats.items():
-        p = r.pop("prob")
-        r.update(size_mb=round(Path(r["file"]).stat().st_size / 1e6, 2), max_abs_dprob=float(np.abs(p - reference).max()),
-                 **{k: binary_metrics(y, p, THRESHOLD)[k] for k in ("accuracy", "roc_auc")})
-    if formats["onnx_fp32"]["max_abs_dprob"] > PARITY_TOLERANCE:
-        raise PipelineError(f"{files['onnx_fp32']} differs from the torch checkpoint by up to "
-                            f"{formats['onnx_fp32']['max_abs_dprob']:.2g} in probability (more than {PARITY_TOLERANCE}): "
-                            "the export is broken; report it with the torch and onnx versions.")
-    t2 = time.perf_counter()
-    for name, ms in timings(model, files, x).items():
-        formats[name]["ms_per_image"] = ms
-    seconds["timing"] = round(time.perf_counter() - t2, 2)
-    seen = labelled_test_seen(index)
-    int8 = int8_verdict(formats["onnx_fp32"]["accuracy"], formats["onnx_int8"]["accuracy"], len(test), seen)
-    scores = {"student": ck["arch"], "img_size": size, "threshold": THRESHOLD, "threads_all": available_cores(),
-              "labelled": {"split": "test", "n_images": int(len(test)), "seen_in_training": seen}, "int8": int8,
-              "formats": formats, "seconds": seconds}
-    write_text_whole(out / "scores.json", json.dumps(scores, indent=2))
-    write_text_whole(out / "metrics.json", json.dumps(
-        {name: {"test_accuracy": round(formats[name]["accuracy"], 4)} for name in files}, indent=2))
-    manifest = {
-        "format": "onnx", "arch": ck["arch"], "parameters": sum(p.numel() for p in model.parameters()),
-        "models": {"student": {"file": files["onnx_fp32"].name},
-                   "student-int8": {"file": files["onnx_int8"].name, "kept": int8["kept"], "reason": int8["reason"]}},
-        "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "channel_order": "RGB",
-                  "layout": "NCHW", "resize": f"any size to {size}x{size} (aspect not kept), bilinear (Pillow)",
-                  "scale": "pixel / 255", "mean": list(norm["mean"]), "std": list(norm["std"])},
-        "output": {"name": "prob", "shape": ["batch"], "meaning": "probability of class 1 (parasitized)"},
-        "threshold": THRESHOLD, "classes": {"0": "uninfected", "1": "parasitized"},
-        "tta": {"views": list(tta.views), "crop_scale": tta.crop_scale}, "params": ck["params"], "git_commit": git_commit()}
-    write_text_whole(out / onnx_io.MANIFEST, json.dumps(manifest, indent=2))
+        formats = {"torch_fp32": {"file": str(student / "checkpoint.pt"), "prob": reference}}
+        for name, f in files.items():
+            formats[name] = {"file": str(f), "prob": onnx_io.predict(onnx_io.session(f), x)}
+        for name, r in formats.items():
+            p = r.pop("prob")
+            r.update(size_mb=round(Path(r["file"]).stat().st_size / 1e6, 2), max_abs_dprob=float(np.abs(p - reference).max()),
+                     **{k: binary_metrics(y, p, THRESHOLD)[k] for k in ("accuracy", "roc_auc")})
+        for name, f in files.items():  # where they will be, not where they are written
+            formats[name]["file"] = str(out / f.name)
+        if formats["onnx_fp32"]["max_abs_dprob"] > PARITY_TOLERANCE:
+            raise PipelineError(f"{out / files['onnx_fp32'].name} differs from the torch checkpoint by up to "
+                                f"{formats['onnx_fp32']['max_abs_dprob']:.2g} in probability (more than {PARITY_TOLERANCE}): "
+                                "the export is broken; report it with the torch and onnx versions.")
+        t2 = time.perf_counter()
+        for name, ms in timings(model, files, x).items():
+            formats[name]["ms_per_image"] = ms
+        seconds["timing"] = round(time.perf_counter() - t2, 2)
+        seen = labelled_test_seen(index)
+        int8 = int8_verdict(formats["onnx_fp32"]["accuracy"], formats["onnx_int8"]["accuracy"], len(test), seen)
+        scores = {"student": ck["arch"], "img_size": size, "threshold": THRESHOLD, "threads_all": available_cores(),
+                  "labelled": {"split": "test", "n_images": int(len(test)), "seen_in_training": seen}, "int8": int8,
+                  "formats": formats, "seconds": seconds}
+        write_text_whole(folder / "scores.json", json.dumps(scores, indent=2))
+        write_text_whole(folder / "metrics.json", json.dumps(
+            {name: {"test_accuracy": round(formats[name]["accuracy"], 4)} for name in files}, indent=2))
+        manifest = {
+            "format": "onnx", "arch": ck["arch"], "parameters": sum(p.numel() for p in model.parameters()),
+            "models": {"student": {"file": files["onnx_fp32"].name},
+                       "student-int8": {"file": files["onnx_int8"].name, "kept": int8["kept"], "reason": int8["reason"]}},
+            "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "channel_order": "RGB",
+                      "layout": "NCHW", "resize": f"any size to {size}x{size} (aspect not kept), bilinear (Pillow)",
+                      "scale": "pixel / 255", "mean": list(norm["mean"]), "std": list(norm["std"])},
+            "output": {"name": "prob", "shape": ["batch"], "meaning": "probability of class 1 (parasitized)"},
+            "threshold": THRESHOLD, "classes": {"0": "uninfected", "1": "parasitized"},
+            "tta": {"views": list(tta.views), "crop_scale": tta.crop_scale}, "params": ck["params"], "git_commit": git_commit()}
+        write_text_whole(folder / onnx_io.MANIFEST, json.dumps(manifest, indent=2))
+        keep_others(out, folder)
     for name, r in formats.items():
         log.info("%-10s accuracy %.4f AUC %.4f max|dp| %.1e %6.2f MB, ms/image b1 %.2f b64 %.2f (all threads)", name,
                  r["accuracy"], r["roc_auc"], r["max_abs_dprob"], r["size_mb"], r["ms_per_image"]["batch1_threads_all"],
@@ -172,6 +180,16 @@ def export(prepared: Path, student: Path, out: Path, *, tta: TTASpec) -> dict:
     log.info("int8 %s: %s (export %.1f s, quantize %.1f s, timing %.1f s)", "kept" if int8["kept"] else "refused",
              int8["reason"], seconds["export"], seconds["quantize"], seconds["timing"])
     return scores
+
+
+def keep_others(old: Path, new: Path) -> None:
+    """Copy into the new folder whatever the old one holds that the export does not write (a user's notes): swapping
+    the folder in must not delete them."""
+    ours = {"student.onnx", "student.int8.onnx", "scores.json", "metrics.json", onnx_io.MANIFEST}
+    for p in sorted(old.iterdir()) if old.is_dir() else []:
+        if p.name not in ours:
+            shutil.copytree(p, new / p.name, symlinks=True) if p.is_dir() and not p.is_symlink() else \
+                shutil.copy2(p, new / p.name, follow_symlinks=False)
 
 
 def int8_verdict(acc_fp32: float, acc_int8: float, n: int, seen: bool = False) -> dict:

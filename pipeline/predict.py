@@ -4,7 +4,6 @@ The ONNX models run on ONNX Runtime without importing torch; `--model ensemble` 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -19,12 +18,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import onnx_io
-from pipeline.common import IMAGE_SUFFIXES, PipelineError, available_cores, run_main
+from pipeline.archives import MAX_FILES, MEMBER_CAP
+from pipeline.common import IMAGE_SUFFIXES, OUTPUT_MARKER, PipelineError, available_cores, run_main, write_text_whole
 from pipeline.images import decode, normalize
 
 log = logging.getLogger(__name__)
 
-SYSTEM_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}  # written by file browsers; never cells
+SYSTEM_FILES = {"thumbs.db", ".ds_store", "desktop.ini", OUTPUT_MARKER.lower()}  # file browsers' and ours; never cells
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,22 @@ def _kind(member: str) -> str:
     return "image" if Path(name).suffix.lower() in IMAGE_SUFFIXES else "other"
 
 
+def _member(z: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """A zip member as a stream (never read whole into memory), refused when encrypted or too large for a cell."""
+    if info.flag_bits & 0x1:
+        raise PipelineError("encrypted (password-protected); predict reads no encrypted members")
+    if info.file_size > MEMBER_CAP:
+        raise PipelineError(f"{info.file_size:,} bytes, more than the {MEMBER_CAP:,} cap on one cell image")
+    return z.open(info)
+
+
+def _file(path: Path):
+    """An image file, opened unless it is too large to be a cell."""
+    if (size := path.stat().st_size) > MEMBER_CAP:
+        raise PipelineError(f"{size:,} bytes, more than the {MEMBER_CAP:,} cap on one cell image")
+    return open(path, "rb")
+
+
 def collect(paths: list[str]) -> tuple[list[Source], list[str], int]:
     """Every image under `paths` in argument order (folders and zips sorted by path), the files that are not
     images, and how many file-browser files were ignored."""
@@ -53,14 +69,16 @@ def collect(paths: list[str]) -> tuple[list[Source], list[str], int]:
             members = [(f.relative_to(path).as_posix(), str(f), lambda f=f: open(f, "rb"))
                        for f in sorted(path.rglob("*")) if f.is_file()]
         elif path.is_file() and path.suffix.lower() == ".zip":
-            try:  # left open for the decoding threads: ZipFile.read is thread-safe
+            try:  # left open for the decoding threads: each opens its own stream of a member (thread-safe)
                 z = zipfile.ZipFile(path)
-            except zipfile.BadZipFile as e:
+            except (zipfile.BadZipFile, OSError) as e:
                 raise PipelineError(f"{path}: not a readable zip ({e}).") from None
             infos = sorted((i for i in z.infolist() if not i.is_dir()), key=lambda i: i.filename)
-            members = [(i.filename, f"{path}:{i.filename}", lambda i=i, z=z: io.BytesIO(z.read(i))) for i in infos]
+            if len(infos) > MAX_FILES:
+                raise PipelineError(f"{path} holds {len(infos):,} files, more than the {MAX_FILES:,} predict reads.")
+            members = [(i.filename, f"{path}:{i.filename}", lambda i=i, z=z: _member(z, i)) for i in infos]
         elif path.is_file():
-            members = [(path.name, str(path), lambda p=path: open(p, "rb"))]
+            members = [(path.name, str(path), lambda p=path: _file(p))]
         else:
             raise PipelineError(f"{arg}: no such file or folder.")
         for member, where, opener in members:
@@ -81,7 +99,9 @@ def decode_sources(sources: list[Source], size: int, workers: int) -> tuple[np.n
         try:
             with sources[i].open() as f:
                 images[i] = decode(f, size)[0]
-        except Exception as e:  # Pillow raises many kinds for broken or foreign files
+        except PipelineError as e:  # not a PNG or JPEG, too many pixels or bytes, encrypted: says which
+            return f"{sources[i].where} ({e})"
+        except Exception as e:  # Pillow and zipfile raise many kinds for broken files
             return f"{sources[i].where} ({type(e).__name__}: {e})"
         return None
 
@@ -186,7 +206,11 @@ def main() -> None:
     if out["img_name"].duplicated().any():
         log.warning("Some file names repeat across the inputs (e.g. %s); rows stay in input order",
                     out.loc[out["img_name"].duplicated(), "img_name"].iat[0])
-    out.to_csv(args.output or sys.stdout, index=False, float_format="%.6f")
+    if args.output:  # whole or not at all: a killed run never leaves half a CSV that reads as complete
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_whole(args.output, out.to_csv(index=False, float_format="%.6f"))
+    else:
+        out.to_csv(sys.stdout, index=False, float_format="%.6f")
     log.info("%d images, %d labelled parasitized (threshold %.3f, model %s%s)%s", len(out), out["label"].sum(),
              threshold, args.model, " with TTA" if args.tta else "", f"; wrote {args.output}" if args.output else "")
 

@@ -43,6 +43,9 @@ def read_labels(csv: Path, *, hidden: bool) -> pd.DataFrame:
     if not {"img_name", "label"} <= set(df.columns):
         raise PipelineError(f"{csv}: expected columns img_name,label but found {','.join(map(str, df.columns))}.")
     rows = lambda mask: ", ".join(str(i + 2) for i in np.flatnonzero(mask)[:10])  # 1-based, after the header
+    empty = df["img_name"].isna() | (df["img_name"].str.strip() == "")
+    if empty.any():
+        raise PipelineError(f"{csv}: empty img_name at lines {rows(empty)}; every row must name its image file.")
     dup = df["img_name"].duplicated(keep=False)
     if dup.any():
         raise PipelineError(f"{csv}: duplicate img_name at lines {rows(dup)}; each image must be listed once.")
@@ -107,8 +110,9 @@ def decode_all(df: pd.DataFrame, size: int, workers: int = 4) -> np.ndarray:
     def one(i):
         try:
             return i, decode(df["path"].iat[i], size), None
-        except Exception as e:
-            return i, None, f"{df['path'].iat[i]} ({df['split'].iat[i]}): {type(e).__name__}: {e}"
+        except Exception as e:  # NotAnImage says what it is; Pillow raises many kinds for a damaged file
+            what = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
+            return i, None, f"{df['path'].iat[i]} ({df['split'].iat[i]}): {what}"
 
     with ThreadPoolExecutor(workers) as pool:
         for i, out, err in tqdm(pool.map(one, range(len(df))), total=len(df), desc="decode", unit="img"):

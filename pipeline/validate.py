@@ -5,17 +5,47 @@ import argparse
 import logging
 from pathlib import Path
 
+import yaml
+
 from pipeline.batch_aug import progressive_size
-from pipeline.common import run_main
+from pipeline.common import PipelineError, path_overlap, run_main
 from pipeline.models import check_backbone, check_model_name
 from pipeline.params import load_params
 
 log = logging.getLogger(__name__)
 
 
-def validate(params_file: Path) -> dict:
+def outputs(dvc_yaml: Path) -> list[Path]:
+    """Every stage's outputs as dvc.yaml names them, relative to its folder (a templated name: its folder)."""
+    out = set()
+    for stage in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
+        for entry in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
+            name = next(iter(entry)) if isinstance(entry, dict) else entry
+            if "${" in name:  # data/models/${item.backbone} -> data/models; data/timing/train-${..}.json -> data/timing
+                name = name[:name.index("${")].rsplit("/", 1)[0]
+            out.add(dvc_yaml.parent / name)
+    return sorted(out)
+
+
+def check_data_path(data: dict, dvc_yaml: Path) -> None:
+    """Refuse a local data.path inside, equal to or above an output: DVC deletes a stage's outputs before running it
+    (the user's zip in data/raw is gone), and a folder above one is copied into itself."""
+    if data["source"] != "local" or not data.get("path") or not dvc_yaml.is_file():
+        return
+    path = Path(data["path"]).expanduser()
+    for output in outputs(dvc_yaml):
+        if relation := path_overlap(path, output):
+            raise PipelineError(
+                f"data.path {data['path']} is {relation} {output.relative_to(dvc_yaml.parent)}, which the pipeline "
+                "writes (DVC deletes a stage's outputs before it runs, and a folder above one would be copied into "
+                "itself): move your data outside the pipeline's outputs (e.g. beside the project, or data/mine/) and "
+                "set data.path there.")
+
+
+def validate(params_file: Path, dvc_yaml: Path | None = None) -> dict:
     """The checked params; raises a PipelineError naming the first bad key."""
     params = load_params(params_file)
+    check_data_path(params["data"], dvc_yaml or Path(params_file).parent / "dvc.yaml")
     t = params["train"]
     # The smallest side a model sees: the first epoch's under progressive resizing, else data.img_size.
     size = progressive_size(1, t["epochs"], params["data"]["img_size"], t["progressive"])

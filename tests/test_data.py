@@ -25,8 +25,11 @@ SMALL = 16  # img_size for the tiny synthetic sets
 
 
 def expected_pixels(path: Path, size: int) -> np.ndarray:
-    """What the cache should hold for one file: decoded to RGB and resized as prepare documents it."""
+    """What the cache should hold for one file: decoded to RGB (transparency composited on black) and resized as
+    prepare documents it."""
     with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA"):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
         return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common import PipelineError, written_whole
+from pipeline.common import OUTPUT_MARKER, PipelineError, written_whole
 from pipeline.download import download
 from pipeline.checkpoints import read_checkpoint, save_checkpoint
 from pipeline.models import create_model
@@ -108,11 +108,23 @@ def test_any_other_error_passes_through_and_a_success_replaces_the_file(tmp_path
 def test_a_folder_linked_to_another_disk_is_replaced_there_and_the_link_kept(tmp_path):
     big = tmp_path / "big" / "prepared"
     big.mkdir(parents=True)
-    (big / "old.txt").write_text("old")
     link = tmp_path / "prepared"
     link.symlink_to(big, target_is_directory=True)
-    with written_whole(link) as tmp:
-        tmp.mkdir()
-        (tmp / "new.txt").write_text("new")
-    assert link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["new.txt"]
+    for text in ("old", "new"):  # empty, then the pipeline's own (its marker): replaced there both times
+        with written_whole(link) as tmp:
+            tmp.mkdir()
+            (tmp / f"{text}.txt").write_text(text)
+        assert link.is_symlink() and sorted(p.name for p in link.iterdir()) == [OUTPUT_MARKER, f"{text}.txt"]
     assert not leftovers(tmp_path) and not list(tmp_path.rglob(".*.old"))
+
+
+def test_a_linked_folder_holding_someone_elses_files_is_not_replaced(tmp_path):
+    mine = tmp_path / "my_data"
+    mine.mkdir()
+    (mine / "competition.zip").write_bytes(b"the user's")
+    link = tmp_path / "raw"
+    link.symlink_to(mine, target_is_directory=True)
+    with pytest.raises(PipelineError, match="holds files this pipeline did not write"):
+        with written_whole(link) as tmp:
+            tmp.mkdir()
+    assert sorted(p.name for p in mine.iterdir()) == ["competition.zip"] and not leftovers(tmp_path)
