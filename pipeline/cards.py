@@ -23,7 +23,7 @@ def probe(index: int) -> None:
 
 
 def cards() -> list[dict]:
-    """Each visible CUDA card: index, name, capability ("7.5") and the error its tiny op raised (None: it ran)."""
+    """Each visible CUDA card: index, name, capability ("7.5") and the error its tiny ops raised (None: they ran)."""
     rows = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         error = None
@@ -47,7 +47,7 @@ def unusable_message(row: dict) -> str:
 
 
 def require_usable_cards() -> list[dict]:
-    """The visible cards, after one tiny op on each; a PipelineError naming the first card that cannot run it."""
+    """The visible cards, after tiny ops on each; a PipelineError naming the first card that cannot run them."""
     rows = cards()
     for row in rows:
         if row["error"]:

@@ -32,8 +32,8 @@ def launched() -> bool:
 
 def processes_wanted(gpus: str | int, device: str) -> int:
     """Processes that `train.gpus` asks for on `train.device`: auto = one per visible GPU, one on the CPU. On CUDA,
-    first one tiny op on every visible card: a card this torch has no kernels for stops here, with the fix, before
-    any training (a P100 under a CUDA 12.8+ build would fail at the first op of each process)."""
+    first two tiny ops on every visible card (pipeline.cards): a card this torch cannot run stops here, with the fix,
+    before any training (a P100 under a CUDA 12.8+ build would fail at the first op of each process)."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         require_usable_cards()

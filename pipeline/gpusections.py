@@ -78,7 +78,7 @@ def environment(check: Check) -> dict:
                   "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                   "gpus": torch.cuda.device_count(),
                   "arch in torch's list": f"sm_{cap[0]}{cap[1]}" in torch.cuda.get_arch_list()})
-        # The pipeline's own check before training (pipeline.cards): one tiny op on every visible card.
+        # The pipeline's own check before training (pipeline.cards): tiny ops on every visible card.
         rows = cards()
         d["cards run an op"] = "; ".join(f"{r['card']} {r['name']} ({r['capability']}): {r['error'] or 'ok'}"
                                          for r in rows)

@@ -48,6 +48,14 @@ def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None
         shutil.rmtree(out / "full")
 
 
+def announce(p: dict, backbone: str, i: int, count: int, what: str) -> None:
+    """Which model of how many starts: a person follows a long run by these lines."""
+    if ddp.is_main():
+        names = list(p["backbones"])
+        where = f"backbone {names.index(backbone) + 1} of {len(names)}" if backbone in names else "backbone"
+        log.info("Model %d of %d for %s (%s): %s", i, count, backbone, where, what)
+
+
 def train_without_folds(prepared: Path, out: Path, teacher: Teacher, p: dict, *, backbone: str,
                         fold: list[int] | None) -> dict[str, float]:
     """folds.n 0: one model on every training cell (full/), whatever folds.csv holds; fold folders are removed."""
@@ -56,6 +64,7 @@ def train_without_folds(prepared: Path, out: Path, teacher: Teacher, p: dict, *,
                             "to 2 or more in params.yaml, or leave out --fold.")
     if ddp.is_main():
         remove_stale_folds(out, [], refit=True)
+    announce(p, backbone, 1, 1, "on all training cells")
     start = time.perf_counter()
     train_all(prepared, out / "full", teacher, cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
     return {"full": round(time.perf_counter() - start, 1)}
@@ -69,8 +78,10 @@ def train_folds(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, p:
     all_folds = sorted(int(k) for k in pd.read_csv(folds_csv)["fold"].unique())
     if not fold and ddp.is_main():
         remove_stale_folds(out, all_folds, refit=p["refit"])
-    seconds = {}
-    for k in fold or all_folds:
+    seconds, todo = {}, fold or all_folds
+    count = len(todo) + bool(p["refit"] and not fold)
+    for i, k in enumerate(todo, 1):
+        announce(p, backbone, i, count, f"fold {k} of {len(all_folds)}")
         start = time.perf_counter()
         train_fold(prepared, folds_csv, out / f"fold{k}", teacher, fold=k,
                    cfg=train_config(p, derived_seed(p["seed"], backbone, k)))
@@ -78,6 +89,7 @@ def train_folds(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, p:
     if p["refit"] and fold:
         log.info("train.refit: the refit model is trained by a run over every fold (without --fold)")
     elif p["refit"]:
+        announce(p, backbone, count, count, "the refit on all training cells")
         start = time.perf_counter()
         train_full(prepared, folds_csv, out / "full", teacher, epochs=refit_epochs(out, all_folds),
                    cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))

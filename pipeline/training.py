@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import zlib
 from dataclasses import fields
 from pathlib import Path
@@ -69,8 +70,36 @@ def derived_seed(seed: int, *parts) -> int:
     return (seed + zlib.crc32("/".join(map(str, parts)).encode())) % 2**31
 
 
+class EpochProgress:
+    """What fit() logs each epoch to (dvclive's Live, or None), plus one line per trained epoch for a person: its
+    seconds and an estimate of this model's time left."""
+
+    # fit() first replays a resumed run's epochs: those steps come at once, a trained one takes longer than this.
+    REPLAYED_S = 0.2
+
+    def __init__(self, live, name: str, epochs: int, early_stop: bool):
+        self.live, self.name, self.epochs, self.early_stop = live, name, epochs, early_stop
+        self.step, self.since, self.trained = 0, time.perf_counter(), []
+
+    def log_metric(self, key: str, value) -> None:
+        if self.live is not None:
+            self.live.log_metric(key, value)
+
+    def next_step(self) -> None:
+        if self.live is not None:
+            self.live.next_step()
+        now, self.step = time.perf_counter(), self.step + 1
+        took, self.since = now - self.since, now
+        if not self.trained and took < self.REPLAYED_S:
+            return
+        self.trained.append(took)
+        left = sum(self.trained) / len(self.trained) * (self.epochs - self.step) / 60
+        log.info("%s: epoch %d/%d took %.0f s; %s %.1f min left for this model", self.name, self.step, self.epochs,
+                 took, "at most" if self.early_stop else "about", left)
+
+
 def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: TrainConfig, out: Path,
-                 params: dict, fingerprint: dict) -> tuple[dict, torch.nn.Module]:
+                 params: dict, fingerprint: dict, name: str = "") -> tuple[dict, torch.nn.Module]:
     """fit() with dvclive curves in out/live and the kept checkpoint in out/checkpoint.pt; returns the kept
     epoch's metrics and the model rebuilt from that checkpoint (teachers and student alike).
 
@@ -89,17 +118,18 @@ def train_logged(model, arch: str, train_ds, val_ds, val_labels, loss_fn, cfg: T
     ddp.barrier()
     save = lambda m, epoch, metric: save_checkpoint(ckpt, m, arch=arch, params=params, epoch=epoch, metric=metric,
                                                     extra={"fingerprint": fingerprint})
+    progress = lambda live: EpochProgress(live, name or arch, cfg.epochs, cfg.select_best and val_ds is not None)
     if not ddp.is_main():  # rank 0 writes the curves and the checkpoint
         best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, None, fingerprint)
         model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
         return best, model
     if Live is None:
         log.warning("dvclive is not installed: %s gets no training curves (pip install dvclive)", out)
-        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, None, save, fingerprint)
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, progress(None), save, fingerprint)
         return best, load_checkpoint(ckpt, resolve_device(cfg.device))[0]
     # Fresh curves every run: fit() replays the epochs it resumes, so the curves always match last.pt.
     with Live(dir=str(out / "live"), resume=False, dvcyaml=None, save_dvc_exp=False) as live:
-        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, live, save, fingerprint)
+        best = fit(model, train_ds, val_ds, val_labels, loss_fn, cfg, out, progress(live), save, fingerprint)
         for k, v in best.items():
             live.summary[k] = v
     model, _ = load_checkpoint(ckpt, resolve_device(cfg.device))
@@ -124,7 +154,7 @@ def train_model(spec: ModelSpec, images: np.ndarray, index: pd.DataFrame, rows: 
              0 if val_rows is None else len(val_rows), cfg.seed)
     best, model = train_logged(model, spec.backbone, train_ds, val_ds,
                                None if val_rows is None else labels[val_rows].astype(int), loss_fn, cfg, out, record,
-                               fingerprint)
+                               fingerprint, name=name or spec.backbone)
     tables = {} if val_rows is None else {
         "oof": write_predictions(model, images, index, val_rows, out / "oof.csv", cfg, tta, norm)}
     tables.update(write_split_predictions(model, images, index, out, cfg, tta, norm))

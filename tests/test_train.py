@@ -196,3 +196,24 @@ def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path,
         num_workers=0, device="cpu"), TTASpec(), PLAIN)
     assert fake.calls == ["test", "hidden"]
     assert set(tables["hidden"]["img_name"]).isdisjoint(tables["test"]["img_name"])
+
+
+def test_each_trained_epoch_logs_its_seconds_and_the_time_left(monkeypatch, caplog):
+    """Replayed epochs of a resumed run come at once and are not counted; a trained one says its seconds and an
+    estimate of the model's time left (the mean trained epoch times the epochs to come)."""
+    from pipeline import training
+
+    clock = iter([0.0, 0.01, 0.02, 10.02, 30.02])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    seen = []
+    live = type("Live", (), {"log_metric": lambda self, k, v: seen.append(k),
+                             "next_step": lambda self: seen.append("|")})
+    progress = training.EpochProgress(live(), "resnet10t fold 1", epochs=5, early_stop=True)
+    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+        for _ in range(4):
+            progress.log_metric("train_loss", 0.5)
+            progress.next_step()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["resnet10t fold 1: epoch 3/5 took 10 s; at most 0.3 min left for this model",
+                     "resnet10t fold 1: epoch 4/5 took 20 s; at most 0.2 min left for this model"]
+    assert seen == ["train_loss", "|"] * 4  # everything still reaches dvclive
