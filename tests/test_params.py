@@ -155,14 +155,15 @@ def test_progressive_resizing_checks_the_smallest_size(tmp_path, monkeypatch, ca
 def readme_presets() -> dict[str, list[str]]:
     """The preset commands (`dvc exp run -n NAME -S key=value ...`) of README.md and docs/guide.md, by name."""
     text = "\n".join((ROOT / page).read_text() for page in ("README.md", "docs/guide.md"))
-    commands = re.findall(r"^dvc exp run -n (\w+)((?: \\\n?\s*-S \S+)+|(?: -S \S+)+)", text, re.M)
+    commands = re.findall(r"^dvc exp run -n ([\w-]+)((?: \\\n?\s*-S \S+)+|(?: -S \S+)+)", text, re.M)
     return {name: re.findall(r"-S (\S+)", args) for name, args in commands}
 
 
 def test_readme_presets_are_valid_params(tmp_path):
     """Each preset's `-S key=value` list, applied to params.yaml as DVC does, passes the schema."""
     presets = readme_presets()
-    assert {"quick", "cpu", "gpu", "kaggle"} <= set(presets), f"presets found: {sorted(presets)}"
+    assert {"laptop", "gpu-fast", "full", "gpu", "kaggle"} <= set(presets), f"presets found: {sorted(presets)}"
+    assert not {"quick", "cpu", "lite0"} & set(presets), "removed presets (docs/results.md, History) are back"
     for name, sets in presets.items():
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         for kv in sets:
