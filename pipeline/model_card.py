@@ -29,10 +29,19 @@ def export_table(scores: dict) -> pd.DataFrame:
                           "size (MB)": fmt(f["size_mb"], ".1f")} for name, f in scores["formats"].items()])
 
 
-def no_cv_line(n_train: int, epochs: int) -> str:
+def teacher_epochs(train: dict) -> str:
+    """The teachers' epochs in words: train.epochs, or each backbone's where train.epochs_by_backbone differs."""
+    by = {b: train.get("epochs_by_backbone", {}).get(b, train["epochs"]) for b in train["backbones"]}
+    if len(set(by.values())) == 1:
+        n = next(iter(by.values()))
+        return f"{n} epoch{'s' * (n != 1)}"
+    return ", ".join(f"{n} ({b})" for b, n in by.items()) + " epochs"
+
+
+def no_cv_line(n_train: int, train: dict) -> str:
     """The sentence that says what a run without folds (folds.n 0) shows instead of cross-validation."""
-    return (f"No cross-validation (folds.n 0): each backbone trained once on all {n_train} training cells for {epochs} "
-            f"epoch{'s' * (epochs != 1)}, the last epoch kept; scores are on the labelled test set only.")
+    return (f"No cross-validation (folds.n 0): each backbone trained once on all {n_train} training cells for "
+            f"{teacher_epochs(train)}, the last epoch kept; scores are on the labelled test set only.")
 
 
 def int8_line(scores: dict) -> str:
@@ -169,7 +178,7 @@ def model_card(*, prepared: str, folds: str, ensemble: str, submissions: str, ex
     method = (METHOD_CV if cv else METHOD_NO_CV).format(
         f=params["folds"], t=params["train"], ds=params["distill"], img_size=d["img_size"],
         teachers=", ".join(params["train"]["backbones"]),
-        no_cv=no_cv_line(int((index["split"] == "train").sum()), params["train"]["epochs"]))
+        no_cv=no_cv_line(int((index["split"] == "train").sum()), params["train"]))
     return CARD.format(
         arch=arch, banner=banner, out=manifest["output"], threshold=manifest["threshold"], inp=manifest["input"],
         method=method, held_out="out-of-fold" if cv else "labelled-test",

@@ -76,6 +76,9 @@ class Train(Section):
     lr: float = Field(gt=0, le=1, description="peak AdamW learning rate (warmup, then cosine decay to lr/100)")
     lr_by_backbone: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(
         description="peak learning rate for these timm names (teacher or student), instead of train.lr")
+    epochs_by_backbone: dict[str, Annotated[int, Field(ge=1, le=1000)]] = Field(
+        description="epochs for these teachers' timm names, instead of train.epochs (the student's are "
+                    "distill.epochs)")
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay")
     warmup_epochs: float = Field(ge=0, description="linear warmup, in epochs")
     label_smoothing: float = Field(ge=0, lt=0.5, description="label smoothing of the cross-entropy")
@@ -98,7 +101,7 @@ class Train(Section):
     pretrained: Union[bool, list[str]] = Field(
         description="start from ImageNet weights (train.weights_dir, else the HF hub): true for every model (teachers "
                     "and student), false for none, or a list of the timm names that do")
-    weights_dir: str = Field(description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
+    weights_dir: str = Field(min_length=1, description="folder of local pretrained weights, one file per backbone named after it (.safetensors/.pth/.bin)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         description="auto: a CUDA GPU when one is visible, else Apple's GPU (mps) where torch has it, else the CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

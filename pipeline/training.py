@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def for_backbone(params: dict, backbone: str) -> dict:
-    """params as one model sees them: train.lr is train.lr_by_backbone's entry for `backbone` when it has one, and the
-    map itself is gone, so a model's fingerprint holds only its own learning rate (another's change leaves it be);
-    train.pretrained is true or false for this model alone."""
-    t = {k: v for k, v in params["train"].items() if k != "lr_by_backbone"}
-    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])  # idempotent: the map is gone after
+    """params as one model sees them: train.lr and train.epochs are train.lr_by_backbone's and
+    train.epochs_by_backbone's entries for `backbone` when they have one, and the maps themselves are gone, so a
+    model's fingerprint holds only its own (another's change leaves it be); train.pretrained is true or false for this
+    model alone."""
+    t = {k: v for k, v in params["train"].items() if k not in ("lr_by_backbone", "epochs_by_backbone")}
+    t["lr"] = params["train"].get("lr_by_backbone", {}).get(backbone, t["lr"])  # idempotent: the maps are gone after
+    t["epochs"] = params["train"].get("epochs_by_backbone", {}).get(backbone, t["epochs"])
     t["pretrained"] = starts_pretrained(t["pretrained"], backbone)  # a list of names becomes this model's answer
     return {**params, "train": t}
 

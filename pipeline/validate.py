@@ -48,16 +48,23 @@ def validate(params_file: Path, dvc_yaml: Path | None = None) -> dict:
     check_data_path(params["data"], dvc_yaml or Path(params_file).parent / "dvc.yaml")
     t = params["train"]
     # The smallest side a model sees: the first epoch's under progressive resizing, else data.img_size.
-    size = progressive_size(1, t["epochs"], params["data"]["img_size"], t["progressive"])
-    size_key = "data.img_size" if t["progressive"] >= 1 else "the first epoch's size (train.progressive)"
+    first = lambda epochs: progressive_size(1, epochs, params["data"]["img_size"], t["progressive"])
+    size, size_key = first(t["epochs"]), ("data.img_size" if t["progressive"] >= 1
+                                          else "the first epoch's size (train.progressive)")
     for i, name in enumerate(t["backbones"]):
-        check_backbone(name, size, f"train.backbones[{i}]", t["drop_path_rate"], size_key)
+        check_backbone(name, first(t["epochs_by_backbone"].get(name, t["epochs"])), f"train.backbones[{i}]",
+                       t["drop_path_rate"], size_key)
     check_backbone(params["distill"]["student"], size, "distill.student", t["drop_path_rate"], size_key)
     for name in t["lr_by_backbone"]:  # a misspelt name would silently leave its model at train.lr
         check_model_name(name, "train.lr_by_backbone")
         if name not in (*t["backbones"], params["distill"]["student"]):
             log.warning("train.lr_by_backbone.%s applies to no model of this run (not in train.backbones, not "
                         "distill.student)", name)
+    for name in t["epochs_by_backbone"]:  # the same for train.epochs
+        check_model_name(name, "train.epochs_by_backbone")
+        if name not in t["backbones"]:
+            log.warning("train.epochs_by_backbone.%s applies to no teacher of this run (not in train.backbones; the "
+                        "student's epochs are distill.epochs)", name)
     return params
 
 

@@ -44,7 +44,7 @@ def test_tiny_full_chain_on_real_sample(tiny_chain, shared_data):
     shown = dvc(project, "metrics", "show").stdout
     assert "data/metrics.json" in shown and "models.ensemble.cv_accuracy" in shown
     timing = json.loads((project / "data/timing.json").read_text())  # every stage's minutes, a DVC metric
-    assert set(timing["minutes"]) == {"validate", "download", "prepare", "folds", "train-resnet10t",
+    assert set(timing["minutes"]) == {"validate", "download", "weights", "prepare", "folds", "train-resnet10t",
                                       "train-efficientnet_b0", "ensemble", "distill", "submit", "export", "report"}
     assert timing["total_minutes"] > 0 and "data/timing.json" in shown and "total_minutes" in shown
     assert "minutes.train-resnet10t" in shown and "minutes.train@" not in shown  # one column per stage's minutes

@@ -98,7 +98,7 @@ def leaves(node, prefix=""):
     return {prefix[:-1]}
 
 
-MAP_KEYS = {"train.lr_by_backbone."}  # keys whose value is a map of names: a leaf of the schema
+MAP_KEYS = {f"{key}." for key in map_keys()}  # keys whose value is a map of names: a leaf of the schema
 
 
 def test_schema_params_yaml_and_params_reference_agree():
@@ -230,3 +230,26 @@ def test_pretrained_names_the_models_that_start_from_imagenet(tmp_path):
     teacher = Teacher.from_params(loaded, "tf_efficientnet_lite0")
     assert teacher.model.pretrained and teacher.learned["train.pretrained"] is True
     assert not Teacher.from_params(loaded, "resnet10t").model.pretrained
+
+
+def test_epochs_by_backbone_sets_one_teachers_epochs_and_fingerprint_only():
+    from pipeline import checkpoints
+    from pipeline.model_card import teacher_epochs
+    from pipeline.training import for_backbone, train_config
+
+    params = with_value("train.epochs_by_backbone", {"densenet121": 4})
+    dense, res = for_backbone(params, "densenet121"), for_backbone(params, "resnet10t")
+    assert train_config(dense["train"], 0).epochs == 4
+    assert train_config(res["train"], 0).epochs == params["train"]["epochs"]
+    other = with_value("train.epochs_by_backbone", {"densenet121": 5})
+    learned = lambda p, name: checkpoints.learned_params(for_backbone(p, name), checkpoints.TEACHER_PARAMS)
+    assert learned(params, "resnet10t") == learned(other, "resnet10t")  # another teacher's epochs: not retrained
+    assert learned(params, "densenet121")["train.epochs"] == 4 and learned(other, "densenet121")["train.epochs"] == 5
+    assert learned(params, "resnet10t") == learned(with_value("train.epochs_by_backbone", {}), "resnet10t")
+    assert teacher_epochs(params["train"]).endswith("4 (densenet121) epochs")
+    assert teacher_epochs(other["train"] | {"epochs_by_backbone": {}}) == f"{params['train']['epochs']} epochs"
+
+
+def test_a_misspelt_epochs_by_backbone_name_is_refused(tmp_path, monkeypatch, capsys):
+    code, err = run_validate(with_value("train.epochs_by_backbone", {"densenet12": 3}), tmp_path, monkeypatch, capsys)
+    assert code == 1 and "train.epochs_by_backbone" in err and "densenet12" in err, err
