@@ -33,3 +33,13 @@ def test_stage_deps_list_every_module_it_imports(name):
     assert not missing, f"stage {name}: add {sorted(missing)} to its deps"
     if name != "validate":
         assert "data/validated.txt" in stage["deps"], f"stage {name} must depend on the validate stage's marker"
+
+
+@pytest.mark.parametrize("name", ["train", "distill"])
+def test_the_code_a_fingerprint_hashes_is_in_the_training_stages_deps(name):
+    """checkpoints.TRAINING_CODE, the modules a model's fingerprint hashes (the decoder, images.py, among them: it
+    makes the pixels), lies within the stage's deps: an edit there re-runs the stage (DVC), which retrains."""
+    from pipeline.checkpoints import TRAINING_CODE
+
+    missing = {f"pipeline/{m}" for m in TRAINING_CODE} - set(STAGES[name]["deps"])
+    assert not missing, f"stage {name}: add {sorted(missing)} to its deps"
