@@ -212,7 +212,8 @@ def predictions(check: Check) -> dict:
 
 def views_and_batch_aug(check: Check) -> dict:
     from pipeline import batch_aug
-    from pipeline.tta import CROPS, D4, GROUPS, apply_view
+    from pipeline.tta import apply_view
+    from pipeline.views import CROPS, D4, GROUPS
 
     x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     views = D4 + CROPS + GROUPS["ten_crop"][5:] + ["scale_88", "scale_112"]

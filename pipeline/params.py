@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 
 from pipeline.common import PipelineError, batch_split_problem
-from pipeline.tta import expand_views
+from pipeline.views import expand_views
 
 
 

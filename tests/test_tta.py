@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tta import CROPS, D4, apply_view, expand_views
+from pipeline.tta import apply_view
+from pipeline.views import CROPS, D4, expand_views
 
 
 def square() -> torch.Tensor:
