@@ -17,6 +17,7 @@ from pipeline.compare import labels_by_name, paired, summary
 from pipeline.dataset import load_cache, split_rows
 from pipeline.engine import TrainConfig
 from pipeline.metrics import accuracy_se, binary_metrics
+from pipeline.layout import fold_dirs, fold_name
 from pipeline.teachers import Teacher, train_all, train_fold
 from pipeline.training import derived_seed, for_backbone, train_config
 
@@ -79,12 +80,12 @@ def bench_ablate(prepared: Path, folds_csv: Path, out: Path, params: dict, name:
     label = labels_by_name(index)
     start = time.perf_counter()
     for k in sorted(pd.read_csv(folds_csv)["fold"].unique()):
-        train_fold(prepared, folds_csv, out / f"fold{k}", teacher, fold=int(k),
+        train_fold(prepared, folds_csv, out / fold_name(int(k)), teacher, fold=int(k),
                    cfg=train_config(p, derived_seed(p["seed"], backbone, int(k))))
     minutes = (time.perf_counter() - start) / 60
     read = lambda f: pd.read_csv(f, dtype={"img_name": str})
-    oof = pd.concat(read(f) for f in sorted(out.glob("fold*/oof.csv")))
-    tests = [read(f) for f in sorted(out.glob("fold*/test.csv"))]
+    oof = pd.concat(read(d / "oof.csv") for d in fold_dirs(out, "oof.csv"))
+    tests = [read(d / "test.csv") for d in fold_dirs(out, "test.csv")]
     test_prob = np.mean([t["prob_tta"].to_numpy() for t in tests], 0)
     cv = binary_metrics(label[oof["img_name"]].to_numpy(int), oof["prob_tta"].to_numpy())
     test = binary_metrics(label[tests[0]["img_name"]].to_numpy(int), test_prob)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.common import PipelineError, run_main
+from pipeline.layout import fold_dirs
 from pipeline.metrics import accuracy_se, mcnemar
 
 def labels_by_name(index: pd.DataFrame) -> pd.Series:
@@ -58,8 +59,8 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
     elif (spec / "test.csv").is_file():
         t = _read(spec / "test.csv")
         prob = t["prob_tta"] if "prob_tta" in t else t["prob"]
-    elif folds := sorted(spec.glob("fold*/test.csv")):
-        prob = pd.concat([_read(f)["prob_tta"] for f in folds], axis=1).mean(axis=1)
+    elif folds := fold_dirs(spec, "test.csv"):
+        prob = pd.concat([_read(d / "test.csv")["prob_tta"] for d in folds], axis=1).mean(axis=1)
     else:
         raise PipelineError(f"{spec}: neither a submission file in submissions/latest/, nor a folder with test.csv or "
                             "fold*/test.csv. Name a run's submissions/latest/<model>.csv or a bench run's folder.")

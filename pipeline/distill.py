@@ -22,11 +22,11 @@ from pipeline.dataset import load_cache, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
 from pipeline.images import normalize
 from pipeline.label_noise import kept_rows, label_issues
+from pipeline.layout import fold_dirs, full_dir, prediction_dirs
 from pipeline.losses import DistillLoss
 from pipeline.metrics import binary_metrics
 from pipeline.models import ModelSpec
 from pipeline.params import load_params
-from pipeline.predictions import model_dirs
 from pipeline.training import derived_seed, for_backbone, start_processes, train_config, train_model
 from pipeline.transforms import AugParams
 from pipeline.tta import TTASpec
@@ -78,13 +78,13 @@ def teacher_files(models_dir: Path, backbones: list[str], refit: set[str], unlab
     folds (`cv` False) the training cells' targets are their labels, so only those full/ models count."""
     files = []
     for b in backbones:
-        folds = sorted((models_dir / b).glob("fold*/checkpoint.pt"))
+        folds = [d / "checkpoint.pt" for d in fold_dirs(models_dir / b, "checkpoint.pt")]
         if cv and not folds:
             raise PipelineError(f"{models_dir / b} has no fold checkpoint, but the student's targets come from them: "
                                 f"run `dvc repro train@{b}`.")
         files += folds if cv else []
         if (b in refit or not cv) and unlabelled != "none":
-            files.append(models_dir / b / "full" / "checkpoint.pt")
+            files.append(full_dir(models_dir, b) / "checkpoint.pt")
             if not files[-1].is_file():
                 raise PipelineError(f"{files[-1]} is missing, but the ensemble's hidden/test predictions came from it: "
                                     f"run `dvc repro train@{b}`.")
@@ -213,7 +213,7 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     y = labels[test_rows].astype(int)
     ens = ens_scores["metrics"]
     sample = images[test_rows[:recipe.timing_images]]
-    teachers = sorted(d / "checkpoint.pt" for b in backbones for d in model_dirs(models_dir, b, b in refit))
+    teachers = sorted(d / "checkpoint.pt" for b in backbones for d in prediction_dirs(models_dir, b, b in refit))
     view_sets = {"plain": ["identity"], "tta": list(tta.views)}
     student_ms = ms_per_image([ckpt], sample, cfg, view_sets, tta.crop_scale)
     teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, tta.crop_scale)

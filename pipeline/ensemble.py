@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.blend import blend, choose_blend, choose_threshold
 from pipeline.common import PipelineError, labelled_test_seen, run_main, write_text_whole, written_whole
+from pipeline.layout import fold_dir, full_dir
 from pipeline.metrics import binary_metrics
 from pipeline.params import load_params
 
@@ -30,7 +31,7 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
     n_folds = folds["fold"].nunique()
     for b in backbones:
         for split in SPLITS:
-            files = [models / b / f"fold{k}" / f"{split}.csv" for k in range(n_folds)]
+            files = [fold_dir(models, b, k) / f"{split}.csv" for k in range(n_folds)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise PipelineError(f"{b}: missing {', '.join(missing)}; train every fold "
@@ -51,11 +52,9 @@ def gather(models: Path, backbones: list[str], folds: pd.DataFrame, index: pd.Da
 def use_refit(models: Path, backbones: list[str], tables: dict[str, pd.DataFrame]) -> list[str]:
     """Put each refit model's test/hidden predictions (`<backbone>/full/`) in place of its fold average; returns
     the backbones that have one. OOF stays from the folds: the refit model saw every training cell."""
-    from pipeline.predictions import model_dirs  # torch, imported only when train.refit is on
-
     used = []
     for b in backbones:
-        refit_dir = model_dirs(models, b, refit=True)[0]
+        refit_dir = full_dir(models, b)
         files = {split: refit_dir / f"{split}.csv" for split in ("test", "hidden")}
         if not all(f.is_file() for f in files.values()):
             log.warning("train.refit is on but %s has no refit predictions in %s: its test/hidden stay the fold "
@@ -79,7 +78,7 @@ def refit_report(models: Path, used: list[str], fold_average: pd.DataFrame, refi
     ensemble, with and without TTA; the ensemble's blend and threshold are the folds' in both."""
     epochs = {}
     for b in used:
-        live = models / b / "full" / "live" / "metrics.json"
+        live = full_dir(models, b) / "live" / "metrics.json"
         epochs[b] = json.loads(live.read_text()).get("epoch") if live.is_file() else None
     out = {"on": True, "backbones": used, "epochs": epochs, "test": {}}
     for model in [*used, "ensemble"] if used else []:
@@ -158,7 +157,7 @@ def ensemble_without_folds(models: Path, index_csv: Path, out: Path, *, backbone
               "hidden": index.loc[index["split"] == "hidden", ["img_name"]].reset_index(drop=True)}
     for b in backbones:
         for split in ("test", "hidden"):
-            f = models / b / "full" / f"{split}.csv"
+            f = full_dir(models, b) / f"{split}.csv"
             if not f.is_file():
                 raise PipelineError(f"{f} is missing: folds.n is 0, so {b} trains once on all cells; run "
                                     f"`dvc repro train@{b}`.")

@@ -9,6 +9,7 @@ import pandas as pd
 from pipeline.common import PipelineError
 from pipeline.compare import labels_by_name
 from pipeline.dataset import load_cache
+from pipeline.layout import fold_dirs
 
 
 def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -18,15 +19,15 @@ def run_errors(prepared: Path, ablate_dir: Path, runs: list[str] | None = None) 
     index, _ = load_cache(prepared)
     label = labels_by_name(index)
     read = lambda f: pd.read_csv(f, dtype={"img_name": str}).drop_duplicates("img_name").set_index("img_name")["prob"]
-    names = runs or sorted(d.name for d in ablate_dir.iterdir() if list(d.glob("fold*/test.csv")))
+    names = runs or sorted(d.name for d in ablate_dir.iterdir() if fold_dirs(d, "test.csv"))
     wrong = {}
     for name in names:
         d = ablate_dir / name
-        if not list(d.glob("fold*/oof.csv")) or not list(d.glob("fold*/test.csv")):
+        if not fold_dirs(d, "oof.csv") or not fold_dirs(d, "test.csv"):
             raise PipelineError(f"{d} holds no finished fold (fold*/oof.csv and test.csv): run `python -m pipeline.bench "
                                 f"ablate --name {name}` first, or leave it out of --runs.")
-        oof = pd.concat(read(f) for f in sorted(d.glob("fold*/oof.csv")))
-        test = pd.concat([read(f) for f in sorted(d.glob("fold*/test.csv"))], axis=1).mean(axis=1)
+        oof = pd.concat(read(f / "oof.csv") for f in fold_dirs(d, "oof.csv"))
+        test = pd.concat([read(f / "test.csv") for f in fold_dirs(d, "test.csv")], axis=1).mean(axis=1)
         wrong[name] = pd.concat([(p >= 0.5) != (label[p.index] == 1) for p in (oof, test)],
                                 keys=["cv", "test"], names=["split", "img_name"])
     table = pd.DataFrame(wrong)  # a run whose folds.csv left a cell out did not score it: NaN, not counted

@@ -21,6 +21,7 @@ from pipeline import onnx_io
 from pipeline.archives import MAX_FILES, MEMBER_CAP
 from pipeline.common import IMAGE_SUFFIXES, OUTPUT_MARKER, PipelineError, available_cores, run_main, write_text_whole
 from pipeline.images import decode, normalize
+from pipeline.layout import fold_dirs, full_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,9 @@ def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
         return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
     from pipeline.weights_only import read_checkpoint  # torch: only the ensemble needs it
 
-    ckpts = sorted(models_dir.glob("*/fold*/checkpoint.pt")) or sorted(models_dir.glob("*/full/checkpoint.pt"))
+    backbones = sorted(d for d in models_dir.iterdir() if d.is_dir()) if models_dir.is_dir() else []
+    ckpts = ([d / "checkpoint.pt" for b in backbones for d in fold_dirs(b, "checkpoint.pt")]
+             or [f for b in backbones if (f := full_dir(models_dir, b.name) / "checkpoint.pt").is_file()])
     if not ckpts:
         raise PipelineError(f"{models_dir} has no checkpoints: run `dvc repro` first.")
     return int(read_checkpoint(ckpts[0])["params"]["img_size"])

@@ -13,6 +13,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.common import PipelineError, written_whole
 from pipeline.dataset import CellDataset, split_rows, targets
 from pipeline.engine import TrainConfig, predict, resolve_device
+from pipeline.layout import prediction_dirs
 from pipeline.transforms import AugParams, build_transform
 from pipeline.tta import TTASpec
 
@@ -23,19 +24,11 @@ def eval_dataset(images: np.ndarray, norm: dict) -> CellDataset:
     return CellDataset(images, targets(np.zeros(len(images))), build_transform(False, AugParams(), **norm))
 
 
-def model_dirs(models_dir: Path, backbone: str, refit: bool) -> list[Path]:
-    """The folders of the models a backbone's test/hidden predictions come from: its refit model (full/) when the run
-    refit it (train.refit), else every fold holding a checkpoint, in sorted order. OOF always comes from the folds."""
-    if refit:
-        return [models_dir / backbone / "full"]
-    return [f.parent for f in sorted((models_dir / backbone).glob("fold*/checkpoint.pt"))]
-
-
 def backbone_probs(models_dir: Path, backbone: str, refit: bool, images: np.ndarray, tta: TTASpec,
                    cfg: TrainConfig) -> np.ndarray:
-    """One backbone's p(parasitized) per image: the mean over its views (tta) of each of its models (model_dirs),
+    """One backbone's p(parasitized) per image: the mean over its views (tta) of each of its models (prediction_dirs),
     averaged over the models, as the ensemble stage averages their CSVs."""
-    files = [d / "checkpoint.pt" for d in model_dirs(models_dir, backbone, refit)]
+    files = [d / "checkpoint.pt" for d in prediction_dirs(models_dir, backbone, refit)]
     if not files or not files[0].is_file():
         raise PipelineError(f"{models_dir / backbone} has no {'refit' if refit else 'fold'} checkpoints: run "
                             f"`dvc repro train@{backbone}`.")

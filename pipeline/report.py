@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.common import PipelineError, run_main, write_text_whole, written_whole
+from pipeline.layout import model_folders
 from pipeline.model_card import model_card
 from pipeline.params import load_params
 
@@ -28,11 +29,6 @@ PRINT_CSS = """<style>@media print {
   .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { padding: 0.25em 0.45em !important; }
   .highlight pre { font-family: monospace; font-size: 8.5pt; background: #f5f5f5; padding: 0.6em; }
 }</style>"""
-
-
-def model_folders(n_folds: int) -> list[str]:
-    """A backbone's model folders the report reads: fold0 ... fold<n-1>, or full alone without folds (folds.n 0)."""
-    return [f"fold{k}" for k in range(n_folds)] or ["full"]
 
 
 def live_metrics(n_folds: int) -> tuple[str, ...]:

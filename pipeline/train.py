@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline import distributed as ddp
 from pipeline.checkpoints import read_checkpoint
 from pipeline.common import PipelineError, run_main
+from pipeline.layout import FULL, fold_dirs, fold_name
 from pipeline.params import load_params
 from pipeline.teachers import Teacher, train_all, train_fold, train_full
 from pipeline.training import derived_seed, for_backbone, start_processes, train_config
@@ -26,7 +27,7 @@ def refit_epochs(backbone_dir: Path, folds: list[int]) -> int:
     """The refit's epochs: the mean of the epochs the folds kept (from their checkpoints), rounded half up."""
     kept = []
     for k in folds:
-        ckpt = backbone_dir / f"fold{k}" / "checkpoint.pt"
+        ckpt = backbone_dir / fold_name(k) / "checkpoint.pt"
         if not ckpt.is_file():
             raise PipelineError(f"{ckpt} is missing, but train.refit needs every fold's kept epoch: train all folds "
                                 f"first (`dvc repro train@{backbone_dir.name}`, or pipeline.train without --fold).")
@@ -39,13 +40,13 @@ def refit_epochs(backbone_dir: Path, folds: list[int]) -> int:
 def remove_stale_folds(out: Path, folds: list[int], refit: bool = False) -> None:
     """The backbone's folder persists between runs (for last.pt): drop folders of folds that no longer exist, and
     the refit model's folder (full/) when train.refit is off."""
-    for d in sorted(out.glob("fold*")):
-        if d.is_dir() and d.name not in {f"fold{k}" for k in folds}:
+    for d in fold_dirs(out):
+        if d.name not in {fold_name(k) for k in folds}:
             log.info("Removing %s: folds.csv has no fold %s now", d, d.name[4:])
             shutil.rmtree(d)
-    if not refit and (out / "full").is_dir():
-        log.info("Removing %s: train.refit is off", out / "full")
-        shutil.rmtree(out / "full")
+    if not refit and (out / FULL).is_dir():
+        log.info("Removing %s: train.refit is off", out / FULL)
+        shutil.rmtree(out / FULL)
 
 
 def announce(p: dict, backbone: str, i: int, count: int, what: str) -> None:
@@ -66,7 +67,7 @@ def train_without_folds(prepared: Path, out: Path, teacher: Teacher, p: dict, *,
         remove_stale_folds(out, [], refit=True)
     announce(p, backbone, 1, 1, "on all training cells")
     start = time.perf_counter()
-    train_all(prepared, out / "full", teacher, cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
+    train_all(prepared, out / FULL, teacher, cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
     return {"full": round(time.perf_counter() - start, 1)}
 
 
@@ -83,7 +84,7 @@ def train_folds(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, p:
     for i, k in enumerate(todo, 1):
         announce(p, backbone, i, count, f"fold {k} of {len(all_folds)}")
         start = time.perf_counter()
-        train_fold(prepared, folds_csv, out / f"fold{k}", teacher, fold=k,
+        train_fold(prepared, folds_csv, out / fold_name(k), teacher, fold=k,
                    cfg=train_config(p, derived_seed(p["seed"], backbone, k)))
         seconds[f"fold{k}"] = round(time.perf_counter() - start, 1)
     if p["refit"] and fold:
@@ -91,7 +92,7 @@ def train_folds(prepared: Path, folds_csv: Path, out: Path, teacher: Teacher, p:
     elif p["refit"]:
         announce(p, backbone, count, count, "the refit on all training cells")
         start = time.perf_counter()
-        train_full(prepared, folds_csv, out / "full", teacher, epochs=refit_epochs(out, all_folds),
+        train_full(prepared, folds_csv, out / FULL, teacher, epochs=refit_epochs(out, all_folds),
                    cfg=train_config(p, derived_seed(p["seed"], backbone, "full")))
         seconds["full"] = round(time.perf_counter() - start, 1)
     return seconds

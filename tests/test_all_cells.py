@@ -184,3 +184,17 @@ def test_bench_ablate_names_the_fix_without_folds(mini, tmp_path):
     params = load_params(mini / "params.yaml")
     with pytest.raises(PipelineError, match="folds.n is 0: add --set folds.n=3"):
         bench_ablate(mini / "prepared", mini / "folds.csv", tmp_path / "ablate", params, "base", [])
+
+
+def test_the_layout_lists_fold_folders_in_fold_order(tmp_path):
+    """One module says where models live: fold<k>/ in fold order (fold10 after fold2), full/ apart, other names not."""
+    from pipeline.layout import fold_dirs, model_folders, prediction_dirs
+
+    for name in ("fold10", "fold2", "fold0", "full", "fold_old", "folder"):
+        (tmp_path / "resnet10t" / name).mkdir(parents=True)
+    for name in ("fold0", "fold10", "full"):
+        (tmp_path / "resnet10t" / name / "checkpoint.pt").write_bytes(b"")
+    assert [d.name for d in fold_dirs(tmp_path / "resnet10t")] == ["fold0", "fold2", "fold10"]
+    assert [d.name for d in prediction_dirs(tmp_path, "resnet10t", refit=False)] == ["fold0", "fold10"]
+    assert prediction_dirs(tmp_path, "resnet10t", refit=True) == [tmp_path / "resnet10t" / "full"]
+    assert model_folders(3) == ["fold0", "fold1", "fold2"] and model_folders(0) == ["full"]
