@@ -3,6 +3,7 @@ end (`dvc repro`, or the stage modules where DVC is not installed)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 import shutil
 import subprocess
@@ -114,15 +115,16 @@ def workspace(folder: Path, gpus) -> Path:
 
 
 def stage_commands(project: Path) -> list[str]:
-    """dvc.yaml's commands in order, a train stage per backbone (its matrix), for a machine without DVC."""
+    """dvc.yaml's commands in order, a train stage per backbone (its matrix), params keys filled in as DVC does, for
+    a machine without DVC."""
     import yaml
 
-    backbones = yaml.safe_load((project / "params.yaml").read_text())["train"]["backbones"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
     cmds = []
     for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].values():
-        items = backbones if "matrix" in stage else [None]
+        items = params["train"]["backbones"] if "matrix" in stage else [None]
         cmds += [stage["cmd"].replace("${item.backbone}", b) if b else stage["cmd"] for b in items]
-    return cmds
+    return [re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(params[m.group(1)][m.group(2)]), c) for c in cmds]
 
 
 def _run(cmd: str, cwd: Path) -> None:

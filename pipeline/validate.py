@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 import yaml
@@ -15,25 +16,36 @@ from pipeline.params import load_params
 log = logging.getLogger(__name__)
 
 
-def outputs(dvc_yaml: Path) -> list[Path]:
-    """Every stage's outputs as dvc.yaml names them, relative to its folder (a templated name: its folder)."""
+def outputs(dvc_yaml: Path, params: dict | None = None) -> list[Path]:
+    """Every stage's outputs as dvc.yaml names them, relative to its folder: a params key in a name is filled in from
+    `params` (default: the params.yaml beside it, as DVC does), another template leaves the name's folder."""
+    if params is None:
+        beside = dvc_yaml.parent / "params.yaml"
+        params = (yaml.safe_load(beside.read_text()) or {}) if beside.is_file() else {}
+
+    def fill(match: re.Match) -> str:
+        node = params
+        for part in match.group(1).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return str(node) if isinstance(node, (str, int, float)) else match.group(0)
+
     out = set()
     for stage in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
         for entry in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
-            name = next(iter(entry)) if isinstance(entry, dict) else entry
+            name = re.sub(r"\$\{([^}]+)\}", fill, next(iter(entry)) if isinstance(entry, dict) else entry)
             if "${" in name:  # data/models/${item.backbone} -> data/models; data/timing/train-${..}.json -> data/timing
                 name = name[:name.index("${")].rsplit("/", 1)[0]
             out.add(dvc_yaml.parent / name)
     return sorted(out)
 
 
-def check_data_path(data: dict, dvc_yaml: Path) -> None:
+def check_data_path(data: dict, dvc_yaml: Path, params: dict | None = None) -> None:
     """Refuse a local data.path inside, equal to or above an output: DVC deletes a stage's outputs before running it
     (the user's zip in data/raw is gone), and a folder above one is copied into itself."""
     if data["source"] != "local" or not data.get("path") or not dvc_yaml.is_file():
         return
     path = Path(data["path"]).expanduser()
-    for output in outputs(dvc_yaml):
+    for output in outputs(dvc_yaml, params):
         if relation := path_overlap(path, output):
             raise PipelineError(
                 f"data.path {data['path']} is {relation} {output.relative_to(dvc_yaml.parent)}, which the pipeline "
@@ -45,7 +57,7 @@ def check_data_path(data: dict, dvc_yaml: Path) -> None:
 def validate(params_file: Path, dvc_yaml: Path | None = None) -> dict:
     """The checked params; raises a PipelineError naming the first bad key."""
     params = load_params(params_file)
-    check_data_path(params["data"], dvc_yaml or Path(params_file).parent / "dvc.yaml")
+    check_data_path(params["data"], dvc_yaml or Path(params_file).parent / "dvc.yaml", params)
     t = params["train"]
     # The smallest side a model sees: the first epoch's under progressive resizing, else data.img_size.
     first = lambda epochs: progressive_size(1, epochs, params["data"]["img_size"], t["progressive"])

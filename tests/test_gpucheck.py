@@ -57,9 +57,9 @@ def test_a_section_past_its_cap_is_reported_and_the_next_still_runs(tmp_path):
 def test_stage_commands_follow_dvc_yaml_with_one_train_stage_per_backbone(tmp_path):
     project = gpuproject.workspace(tmp_path / "ws", gpus=2)
     cmds = gpuproject.stage_commands(project)
-    assert [c.split()[2] for c in cmds[:5]] == ["pipeline.validate", "pipeline.download", "pipeline.prepare",
-                                                "pipeline.folds", "pipeline.train"]
-    assert "--backbone resnet10t" in cmds[4] and "${" not in " ".join(cmds)
+    assert [c.split()[2] for c in cmds[:6]] == ["pipeline.validate", "pipeline.download", "pipeline.lite0_weights",
+                                                "pipeline.prepare", "pipeline.folds", "pipeline.train"]
+    assert "--backbone resnet10t" in cmds[5] and "${" not in " ".join(cmds)
     assert cmds[-1].split()[2] == "pipeline.report"
 
 
