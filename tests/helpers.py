@@ -168,3 +168,13 @@ def pipeline_log():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def linked_user_folder(tmp_path: Path, content: bytes) -> tuple[Path, Path]:
+    """A user's folder holding competition.zip (`content`), and tmp_path/raw, a link to it: (the folder, the link)."""
+    mine = tmp_path / "my_data"
+    mine.mkdir()
+    (mine / "competition.zip").write_bytes(content)
+    link = tmp_path / "raw"
+    link.symlink_to(mine, target_is_directory=True)
+    return mine, link

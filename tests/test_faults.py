@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import linked_user_folder
 from pipeline.common import OUTPUT_MARKER, PipelineError, written_whole
 from pipeline.download import download
 from pipeline.checkpoints import read_checkpoint, save_checkpoint
@@ -119,11 +120,7 @@ def test_a_folder_linked_to_another_disk_is_replaced_there_and_the_link_kept(tmp
 
 
 def test_a_linked_folder_holding_someone_elses_files_is_not_replaced(tmp_path):
-    mine = tmp_path / "my_data"
-    mine.mkdir()
-    (mine / "competition.zip").write_bytes(b"the user's")
-    link = tmp_path / "raw"
-    link.symlink_to(mine, target_is_directory=True)
+    mine, link = linked_user_folder(tmp_path, b"the user's")
     with pytest.raises(PipelineError, match="holds files this pipeline did not write"):
         with written_whole(link) as tmp:
             tmp.mkdir()

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import dvc, project_copy, set_params
+from helpers import dvc, linked_user_folder, project_copy, set_params
 from pipeline import archives
 from pipeline.common import OUTPUT_MARKER, PipelineError
 from pipeline.download import download
@@ -287,11 +287,7 @@ def test_an_empty_img_name_is_named_with_its_line(make_competition, tmp_path):
 
 def test_a_linked_data_raw_is_written_only_when_empty_or_ours(make_competition, tmp_path):
     src = make_competition("src")
-    mine = tmp_path / "my_folder"
-    mine.mkdir()
-    (mine / "competition.zip").write_bytes(b"the user's own download")
-    link = tmp_path / "raw"
-    link.symlink_to(mine, target_is_directory=True)
+    mine, link = linked_user_folder(tmp_path, b"the user's own download")
     with pytest.raises(PipelineError, match="holds files this pipeline did not write"):
         fetch(src, tmp_path, "raw")
     assert (mine / "competition.zip").read_bytes() == b"the user's own download"
