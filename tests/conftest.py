@@ -20,6 +20,35 @@ from helpers import dvc, project_copy, run_outputs, tiny_params  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PREPARED_SIZE = 32  # img_size for the shared prepared samples: small keeps the session fast
 
+# Parallel workers (pytest.ini: pytest-xdist's -n auto, --dist loadgroup): one test file runs in one worker, so its
+# module fixtures are built once; files that share a session fixture built in minutes share a worker.
+SHARED_WORKER = {"test_e2e": "tiny_chain", "test_kills": "tiny_chain", "test_export": "exported_student",
+                 "test_predict": "exported_student"}
+# Handed out first, longest first, a short one between the two longest, so no long file starts last.
+FIRST = ["tiny_chain", "test_kaggle_notebook", "test_params", "test_ddp", "test_train", "test_gpucheck"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.stem, item.path.stem)))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(SHARED_WORKER.get(item.path.stem, item.path.stem), len(FIRST)))
+
+
+def share_the_cores() -> None:
+    """In an xdist worker: this process and its children (the stages, torch's threads) keep to this worker's share of
+    the cores, so two workers training at once do not oversubscribe them."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[int(worker.removeprefix("gw")) % count::count]
+    if mine:
+        os.sched_setaffinity(0, mine)
+
+
+share_the_cores()
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -77,10 +77,15 @@ def set_params(project: Path, **overrides) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+# The tiny chain's two backbones: the ResNet the student copies, and timm's cheapest network that is not a ResNet (it
+# trains about 6x faster than EfficientNet-B0 on the CPU at 32 px; the families' own code is the GPU check's).
+TINY_BACKBONES = ("resnet10t", "mobilenetv3_small_050")
+
+
 def tiny_params(shared_data: Path) -> dict:
     """The tiny configuration of the e2e chain: the real competition sample at 32 px, two backbones, 1 epoch."""
     return {"data.source": "local", "data.path": str(shared_data / "nndl-hw2-sample.zip"), "data.img_size": 32,
-            "folds.n": 2, "train.backbones": ["resnet10t", "efficientnet_b0"],
+            "folds.n": 2, "train.backbones": list(TINY_BACKBONES),
             "train.epochs": 1, "train.batch_size": 128, "train.num_workers": 0, "distill.epochs": 1,
             "distill.timing_images": 32, "tta.views": ["identity", "hflip"]}
 
