@@ -14,22 +14,22 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from pipeline import checkpoints
-from pipeline import distributed as ddp
-from pipeline.checkpoints import load_checkpoint, read_checkpoint
-from pipeline.common import PipelineError, labelled_test_seen, run_main, write_text_whole
-from pipeline.dataset import load_cache, split_rows, targets
-from pipeline.engine import TrainConfig, predict, resolve_device
-from pipeline.images import normalize
-from pipeline.label_noise import kept_rows, label_issues
-from pipeline.layout import fold_dirs, full_dir, prediction_dirs
-from pipeline.losses import DistillLoss
-from pipeline.metrics import binary_metrics
-from pipeline.models import ModelSpec
-from pipeline.params import load_params
-from pipeline.training import derived_seed, for_backbone, start_processes, train_config, train_model
-from pipeline.transforms import AugParams
-from pipeline.tta import TTASpec
+from pipeline.lib import checkpoints
+from pipeline.lib import distributed as ddp
+from pipeline.lib.checkpoints import load_checkpoint, read_checkpoint
+from pipeline.lib.common import PipelineError, labelled_test_seen, run_main, write_text_whole
+from pipeline.lib.dataset import load_cache, split_rows, targets
+from pipeline.lib.engine import TrainConfig, predict, resolve_device
+from pipeline.lib.images import normalize
+from pipeline.lib.label_noise import kept_rows, label_issues
+from pipeline.lib.layout import fold_dirs, full_dir, prediction_dirs
+from pipeline.lib.losses import DistillLoss
+from pipeline.lib.metrics import binary_metrics
+from pipeline.lib.models import ModelSpec
+from pipeline.lib.params import load_params
+from pipeline.lib.training import derived_seed, for_backbone, start_processes, train_config, train_model
+from pipeline.lib.transforms import AugParams
+from pipeline.lib.tta import TTASpec
 
 log = logging.getLogger(__name__)
 

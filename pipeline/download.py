@@ -6,10 +6,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.archives import Budget, copy_folder, extract_zip, unpack_nested
-from pipeline.common import PipelineError, path_overlap, run_main, written_whole
-from pipeline.kaggle_client import OFFLINE_HINT, kaggle_api
-from pipeline.params import load_params
+from pipeline.lib.archives import Budget, copy_folder, extract_zip, unpack_nested
+from pipeline.lib.common import PipelineError, path_overlap, run_main, written_whole
+from pipeline.lib.kaggle_client import OFFLINE_HINT, kaggle_api
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def download(out: Path, *, source: str, path: str, competition: str, dataset: st
         elif source == "demo":
             if demo is None or not demo.is_file():
                 raise PipelineError(f"The demo bundle {demo} is missing; it is in git (rebuild it with "
-                                    "`python -m pipeline.demo_bundle`).")
+                                    "`python -m pipeline.tools.demo_bundle`).")
             fetch_local(tmp, str(demo))
         else:
-            from pipeline.synthetic import make_synthetic
+            from pipeline.lib.synthetic import make_synthetic
 
             make_synthetic(tmp, n_train=synthetic["n_train"], n_test=synthetic["n_test"],
                            n_hidden=synthetic["n_hidden"], seed=seed)

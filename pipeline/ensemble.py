@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.blend import blend, choose_blend, choose_threshold
-from pipeline.common import PipelineError, labelled_test_seen, run_main, write_text_whole, written_whole
-from pipeline.layout import fold_dir, full_dir
-from pipeline.metrics import binary_metrics
-from pipeline.params import load_params
+from pipeline.lib.blend import blend, choose_blend, choose_threshold
+from pipeline.lib.common import PipelineError, labelled_test_seen, run_main, write_text_whole, written_whole
+from pipeline.lib.layout import fold_dir, full_dir
+from pipeline.lib.metrics import binary_metrics
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 SPLITS = ("oof", "test", "hidden")

@@ -14,49 +14,26 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import onnx_io
-from pipeline.checkpoints import load_checkpoint
-from pipeline.common import (PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole,
+from pipeline.lib import onnx_io
+from pipeline.lib.onnx_export import PARITY_TOLERANCE, to_onnx
+from pipeline.lib.checkpoints import load_checkpoint
+from pipeline.lib.common import (PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole,
                              written_whole)
-from pipeline.dataset import load_cache, split_rows
-from pipeline.engine import TrainConfig, predict
-from pipeline.images import normalize
-from pipeline.metrics import binary_metrics
-from pipeline.params import load_params
-from pipeline.predictions import eval_dataset
-from pipeline.tta import TTASpec
+from pipeline.lib.dataset import load_cache, split_rows
+from pipeline.lib.engine import TrainConfig, predict
+from pipeline.lib.images import normalize
+from pipeline.lib.metrics import binary_metrics
+from pipeline.lib.params import load_params
+from pipeline.lib.predictions import eval_dataset
+from pipeline.lib.tta import TTASpec
 
 log = logging.getLogger(__name__)
 for _name in ("onnx_ir", "onnxscript", "onnxruntime"):  # a line per graph pass otherwise
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 THRESHOLD = 0.5           # the student's decision threshold, as the submit stage applies it
-PARITY_TOLERANCE = 1e-4   # max |prob difference| between ONNX fp32 and torch fp32; more means a broken export
 INT8_TOLERANCE_PP, INT8_MIN_IMAGES = 0.5, 600  # int8 is kept within 0.5 pp of fp32, judged on >= 600 cells
 CALIBRATION_IMAGES = 256
-
-
-class _Probability(torch.nn.Module):
-    """The network plus its softmax: the exported graph outputs p(parasitized) per image."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image), 1)[:, 1]
-
-
-def to_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
-    """One self-contained ONNX file (weights inside) with a dynamic batch, checked by onnx.checker."""
-    import onnx
-
-    example = torch.zeros(2, 3, size, size)  # a dynamic batch needs an example of at least 2
-    with written_whole(path) as tmp:  # a killed export never leaves a half-written model beside an old manifest
-        torch.onnx.export(_Probability(model).eval(), (example,), str(tmp), dynamo=True, external_data=False,
-                          input_names=["image"], output_names=["prob"], verbose=False,
-                          dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-        onnx.checker.check_model(str(tmp))
 
 
 def to_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from pipeline.common import PipelineError, run_main
-from pipeline.params import load_params
+from pipeline.lib.common import PipelineError, run_main
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common import PipelineError, run_main, written_whole
-from pipeline.weights_only import read_checkpoint
+from pipeline.lib.common import PipelineError, run_main, written_whole
+from pipeline.lib.weights_only import read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import onnx_io
-from pipeline.archives import MAX_FILES, MEMBER_CAP
-from pipeline.common import IMAGE_SUFFIXES, OUTPUT_MARKER, PipelineError, available_cores, run_main, write_text_whole
-from pipeline.images import decode, normalize
-from pipeline.layout import fold_dirs, full_dir
+from pipeline.lib import onnx_io
+from pipeline.lib.archives import MAX_FILES, MEMBER_CAP
+from pipeline.lib.common import IMAGE_SUFFIXES, OUTPUT_MARKER, PipelineError, available_cores, run_main, write_text_whole
+from pipeline.lib.images import decode, normalize
+from pipeline.lib.layout import fold_dirs, full_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,10 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     """Every fold checkpoint (or the refit or all-cells model, full/) of every blended backbone, blended as the ensemble
     stage chose, with the TTA views its run recorded; returns the probabilities and the threshold."""
     # Imported here: the checkpoints need torch, the ONNX path does not.
-    from pipeline.blend import blend
-    from pipeline.engine import TrainConfig
-    from pipeline.predictions import backbone_probs
-    from pipeline.tta import TTASpec
+    from pipeline.lib.blend import blend
+    from pipeline.lib.engine import TrainConfig
+    from pipeline.lib.predictions import backbone_probs
+    from pipeline.lib.tta import TTASpec
 
     scores = ensemble_dir / "scores.json"
     if not scores.is_file():
@@ -159,7 +159,7 @@ def image_size(model: str, export_dir: Path, models_dir: Path) -> int:
     """The side the model was trained at: images are decoded to it, as the cache was."""
     if model != "ensemble":
         return int(onnx_io.load_manifest(export_dir)["input"]["shape"][-1])
-    from pipeline.weights_only import read_checkpoint  # torch: only the ensemble needs it
+    from pipeline.lib.weights_only import read_checkpoint  # torch: only the ensemble needs it
 
     backbones = sorted(d for d in models_dir.iterdir() if d.is_dir()) if models_dir.is_dir() else []
     ckpts = ([d / "checkpoint.pt" for b in backbones for d in fold_dirs(b, "checkpoint.pt")]

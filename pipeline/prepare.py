@@ -11,9 +11,9 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, is_image_file, run_main, slide_group, written_whole
-from pipeline.images import decode
-from pipeline.params import load_params
+from pipeline.lib.common import PipelineError, is_image_file, run_main, slide_group, written_whole
+from pipeline.lib.images import decode
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 

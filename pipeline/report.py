@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main, write_text_whole, written_whole
-from pipeline.layout import model_folders
-from pipeline.model_card import model_card
-from pipeline.params import load_params
+from pipeline.lib.common import PipelineError, run_main, write_text_whole, written_whole
+from pipeline.lib.layout import model_folders
+from pipeline.lib.model_card import model_card
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--card", required=True, type=Path, help="the model card (markdown) to write")
     parser.add_argument("--params", default="params.yaml", help="the params file the run used")
     parser.add_argument("--timings", type=Path, help="the folder of every other stage's wall time (<stage>.json)")
-    parser.add_argument("--ablations", type=Path, help="the measured switches (python -m pipeline.bench ablate), a CSV")
+    parser.add_argument("--ablations", type=Path, help="the measured switches (python -m pipeline.tools.bench ablate), a CSV")
     parser.add_argument("--timing-summary", type=Path, help="the minutes per stage and in all to write (a DVC metric)")
     args = parser.parse_args()
     start = time.perf_counter()

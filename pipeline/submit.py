@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, git_commit, run_main, written_whole
-from pipeline.params import load_params
+from pipeline.lib.common import PipelineError, git_commit, run_main, written_whole
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def send(file: Path, *, competition: str, message: str, leaderboard: Path, sampl
     if dry_run:
         log.info("Dry run, not sent: %s", " ".join(repr(c) if " " in c else c for c in cmd))
         return cmd
-    from pipeline.kaggle_client import kaggle_api
+    from pipeline.lib.kaggle_client import kaggle_api
 
     api = kaggle_api()
     try:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import distributed as ddp
-from pipeline.checkpoints import read_checkpoint
-from pipeline.common import PipelineError, run_main
-from pipeline.layout import FULL, fold_dirs, fold_name
-from pipeline.params import load_params
-from pipeline.teachers import Teacher, train_all, train_fold, train_full
-from pipeline.training import derived_seed, for_backbone, start_processes, train_config
+from pipeline.lib import distributed as ddp
+from pipeline.lib.checkpoints import read_checkpoint
+from pipeline.lib.common import PipelineError, run_main
+from pipeline.lib.layout import FULL, fold_dirs, fold_name
+from pipeline.lib.params import load_params
+from pipeline.lib.teachers import Teacher, train_all, train_fold, train_full
+from pipeline.lib.training import derived_seed, for_backbone, start_processes, train_config
 
 log = logging.getLogger(__name__)
 

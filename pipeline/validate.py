@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.batch_aug import progressive_size
-from pipeline.common import PipelineError, path_overlap, run_main
-from pipeline.models import check_backbone, check_model_name
-from pipeline.params import load_params
+from pipeline.lib.batch_aug import progressive_size
+from pipeline.lib.common import PipelineError, path_overlap, run_main
+from pipeline.lib.models import check_backbone, check_model_name
+from pipeline.lib.params import load_params
 
 log = logging.getLogger(__name__)
 

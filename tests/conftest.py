@@ -103,7 +103,7 @@ def make_competition(tmp_path: Path) -> Callable[..., Path]:
 
     Returns the raw folder; call it again with another `name` for a second, independent copy.
     """
-    from pipeline.synthetic import make_synthetic
+    from pipeline.lib.synthetic import make_synthetic
 
     def make(name: str = "raw", *, n_train: int = 12, n_test: int = 6, n_hidden: int = 6, seed: int = 0,
              n_slides: int = 6) -> Path:
@@ -131,14 +131,14 @@ def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathF
 
     import torch
 
-    from pipeline.dataset import CellDataset, split_rows, targets
-    from pipeline.engine import TrainConfig, fit
+    from pipeline.lib.dataset import CellDataset, split_rows, targets
+    from pipeline.lib.engine import TrainConfig, fit
     from pipeline.export import export
-    from pipeline.losses import LabelLoss
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.models import create_model, data_config
-    from pipeline.transforms import AugParams, build_transform
-    from pipeline.tta import TTASpec
+    from pipeline.lib.losses import LabelLoss
+    from pipeline.lib.checkpoints import save_checkpoint
+    from pipeline.lib.models import create_model, data_config
+    from pipeline.lib.transforms import AugParams, build_transform
+    from pipeline.lib.tta import TTASpec
 
     work = tmp_path_factory.mktemp("exported")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """A torchrun worker for tests/test_ddp.py: rank 1 raises while rank 0 waits for it in a collective."""
-from pipeline import distributed as ddp
-from pipeline.common import PipelineError, run_main
+from pipeline.lib import distributed as ddp
+from pipeline.lib.common import PipelineError, run_main
 
 
 def main() -> None:

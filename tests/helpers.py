@@ -157,6 +157,27 @@ def check_executed_report(project: Path) -> None:
     assert f"`{student}`" in card and best in card, "the model card does not name the student and the best score"
 
 
+def module_file(module: str) -> Path:
+    """pipeline.lib.engine -> ROOT/pipeline/lib/engine.py."""
+    return ROOT / (module.replace(".", "/") + ".py")
+
+
+def direct_imports(text: str) -> list[str]:
+    """The pipeline modules (dotted names) that code imports itself, lazy imports inside functions included."""
+    found = []
+    for package, wrapped, names in re.findall(r"^[ \t]*from (pipeline(?:\.\w+)*) import (?:\(([^)]*)\)|([\w ,]+))",
+                                              text, re.M):
+        names = wrapped or names
+        if module_file(package).is_file():
+            found.append(package)  # from pipeline.lib.engine import fit
+            continue
+        for name in re.findall(r"(\w+)(?:\s+as\s+\w+)?", names):  # from pipeline.lib import engine as e
+            if name != "as" and module_file(f"{package}.{name}").is_file():
+                found.append(f"{package}.{name}")
+    found += re.findall(r"^\s*import (pipeline(?:\.\w+)+)", text, re.M)
+    return found
+
+
 @contextmanager
 def pipeline_log():
     """The pipeline's log records (INFO and up) while inside: pytest's caplog is per test, a module fixture needs its

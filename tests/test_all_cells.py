@@ -14,17 +14,17 @@ import torch
 import yaml
 
 from helpers import pipeline_log, sha256
-from pipeline import batch_aug
+from pipeline.lib import batch_aug
 from pipeline import train as train_mod
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.distill import Recipe, distill
-from pipeline.engine import TrainConfig
+from pipeline.lib.engine import TrainConfig
 from pipeline.ensemble import ensemble_without_folds
 from pipeline.folds import make_folds
-from pipeline.models import ModelSpec
-from pipeline.params import load_params
-from pipeline.transforms import AugParams
-from pipeline.tta import TTASpec
+from pipeline.lib.models import ModelSpec
+from pipeline.lib.params import load_params
+from pipeline.lib.transforms import AugParams
+from pipeline.lib.tta import TTASpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "resnet10t"
@@ -179,7 +179,7 @@ def test_the_student_refuses_a_label_check_it_cannot_make(trained, tmp_path):
 
 
 def test_bench_ablate_names_the_fix_without_folds(mini, tmp_path):
-    from pipeline.ablations import bench_ablate
+    from pipeline.tools.ablations import bench_ablate
 
     params = load_params(mini / "params.yaml")
     with pytest.raises(PipelineError, match="folds.n is 0: add --set folds.n=3"):
@@ -188,7 +188,7 @@ def test_bench_ablate_names_the_fix_without_folds(mini, tmp_path):
 
 def test_the_layout_lists_fold_folders_in_fold_order(tmp_path):
     """One module says where models live: fold<k>/ in fold order (fold10 after fold2), full/ apart, other names not."""
-    from pipeline.layout import fold_dirs, model_folders, prediction_dirs
+    from pipeline.lib.layout import fold_dirs, model_folders, prediction_dirs
 
     for name in ("fold10", "fold2", "fold0", "full", "fold_old", "folder"):
         (tmp_path / "resnet10t" / name).mkdir(parents=True)

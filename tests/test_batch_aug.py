@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import batch_aug
-from pipeline.dataset import CellDataset, targets
-from pipeline.engine import TrainConfig, fit
-from pipeline.losses import DistillLoss, LabelLoss
-from pipeline.models import create_model, data_config
-from pipeline.transforms import AugParams, build_transform
+from pipeline.lib import batch_aug
+from pipeline.lib.dataset import CellDataset, targets
+from pipeline.lib.engine import TrainConfig, fit
+from pipeline.lib.losses import DistillLoss, LabelLoss
+from pipeline.lib.models import create_model, data_config
+from pipeline.lib.transforms import AugParams, build_transform
 
 
 @pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors, compile."""
+"""`python -m pipeline.tools.bench`: plain (one network on all training cells, the pipeline's bar), ablate, table, errors, compile."""
 from __future__ import annotations
 
 import logging
@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.ablations import bench_plain
-from pipeline.engine import TrainConfig
-from pipeline.models import ModelSpec
-from pipeline.teachers import Teacher
-from pipeline.transforms import AugParams
-from pipeline.tta import TTASpec
+from pipeline.tools.ablations import bench_plain
+from pipeline.lib.engine import TrainConfig
+from pipeline.lib.models import ModelSpec
+from pipeline.lib.teachers import Teacher
+from pipeline.lib.transforms import AugParams
+from pipeline.lib.tta import TTASpec
 
 
 def plain_teacher(aug: AugParams = AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)) -> Teacher:
@@ -27,7 +27,7 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
     assert (r["train_images"], r["test_images"]) == (3000, 600)
     assert r["test_roc_auc"] > 0.85 and 0 < r["test_accuracy_se"] < 0.025  # two epochs learn; the SE of 600 cells
     assert "test accuracy" in caplog.text
-    per_cell = pd.read_csv(tmp_path / "test.csv")  # for paired tests (pipeline.compare)
+    per_cell = pd.read_csv(tmp_path / "test.csv")  # for paired tests (pipeline.tools.compare)
     assert len(per_cell) == 600 and per_cell["prob"].between(0, 1).all()
     # The train stage's all-cells model, whole: the kept (last) checkpoint, curves and the hidden predictions.
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -54,9 +54,9 @@ def test_ablate_scores_a_switch_and_a_tta_change_only_re_predicts(nndl_prepared,
 
     import pandas as pd
 
-    from pipeline.ablations import ablation_table, bench_ablate
+    from pipeline.tools.ablations import ablation_table, bench_ablate
     from pipeline.folds import make_folds
-    from pipeline.params import load_params, with_overrides
+    from pipeline.lib.params import load_params, with_overrides
 
     caplog.set_level(logging.INFO, logger="pipeline")
     index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
@@ -96,9 +96,9 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
 
     import pandas as pd
 
-    from pipeline.ablations import bench_ablate
+    from pipeline.tools.ablations import bench_ablate
     from pipeline.folds import make_folds
-    from pipeline.params import load_params, with_overrides
+    from pipeline.lib.params import load_params, with_overrides
 
     root = Path(__file__).resolve().parents[1]
     prepared = download_prepare(root / "data" / "demo.zip", tmp_path / "demo", img_size=32)
@@ -122,7 +122,7 @@ def test_ablate_on_the_public_layout_scores_each_test_cell_once(download_prepare
 def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path):
     import pandas as pd
 
-    from pipeline.error_analysis import run_errors
+    from pipeline.tools.error_analysis import run_errors
 
     index = pd.read_csv(nndl_prepared.out / "index.csv", dtype={"img_name": str})
     tr, te = (index[index["split"] == s].head(10) for s in ("train", "test"))
@@ -154,9 +154,9 @@ def test_errors_counts_per_cell_how_many_runs_missed_it(nndl_prepared, tmp_path)
 
 
 def test_compile_bench_without_a_cxx_compiler_says_so_instead_of_timing_eager_twice(monkeypatch):
-    from pipeline import engine
-    from pipeline.bench import bench_compile
-    from pipeline.common import PipelineError
+    from pipeline.lib import engine
+    from pipeline.tools.bench import bench_compile
+    from pipeline.lib.common import PipelineError
 
     monkeypatch.setattr(engine.shutil, "which", lambda name: None)
     with pytest.raises(PipelineError, match="torch.compile is not available"):

@@ -1,4 +1,4 @@
-"""The ensemble's choices on OOF (pipeline.blend): blend weights and the decision threshold, each kept only where it
+"""The ensemble's choices on OOF (pipeline.lib.blend): blend weights and the decision threshold, each kept only where it
 beats the simple choice on folds it was not fitted on."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.blend import blend, choose_blend, choose_threshold
+from pipeline.lib.blend import blend, choose_blend, choose_threshold
 from pipeline.ensemble import ensemble
-from pipeline.metrics import best_threshold
+from pipeline.lib.metrics import best_threshold
 
 
 def noisy_scores(n: int, seed: int, shift: float = 0.0):

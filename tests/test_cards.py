@@ -1,4 +1,4 @@
-"""pipeline.cards: one tiny op on each visible CUDA card before training, with torch.cuda mocked (no GPU here): a card
+"""pipeline.lib.cards: one tiny op on each visible CUDA card before training, with torch.cuda mocked (no GPU here): a card
 the op fails on stops the run naming the card, its capability and the fix; the arch list alone decides nothing."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cards
-from pipeline import distributed as ddp
-from pipeline.common import PipelineError
+from pipeline.lib import cards
+from pipeline.lib import distributed as ddp
+from pipeline.lib.common import PipelineError
 
 NO_KERNEL = ("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors might be "
              "asynchronously reported at some other API call")
@@ -87,13 +87,13 @@ def test_the_command(visible, monkeypatch, caplog):
     with pytest.raises(PipelineError, match="No CUDA card is visible.*GPU T4 x2"):
         cards.main()
     monkeypatch.setattr("sys.argv", ["cards"])
-    with caplog.at_level("INFO", logger="pipeline.cards"):
+    with caplog.at_level("INFO", logger="pipeline.lib.cards"):
         cards.main()
     assert "No CUDA card is visible" in caplog.text
 
 
 def test_the_gpu_checks_environment_row_reports_it(visible, monkeypatch, tmp_path: Path):
-    from pipeline import gpusections
+    from pipeline.tools import gpusections
 
     visible(T4, P100)
 

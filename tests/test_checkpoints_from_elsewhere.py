@@ -17,11 +17,11 @@ import pytest
 import timm
 import torch
 
-from pipeline import checkpoints, weights_only
-from pipeline.checkpoints import load_checkpoint, resume_state, save_checkpoint, set_aside
-from pipeline.common import PipelineError
-from pipeline.models import create_model, read_weights
-from pipeline.weights_only import TRUST_ENV, ForeignCheckpoint, read_checkpoint
+from pipeline.lib import checkpoints, weights_only
+from pipeline.lib.checkpoints import load_checkpoint, resume_state, save_checkpoint, set_aside
+from pipeline.lib.common import PipelineError
+from pipeline.lib.models import create_model, read_weights
+from pipeline.lib.weights_only import TRUST_ENV, ForeignCheckpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet10t"
@@ -175,12 +175,12 @@ TRAIN = """
 import json, logging, sys
 from pathlib import Path
 import timm
-from pipeline.common import setup_logging
-from pipeline.engine import TrainConfig
-from pipeline.models import ModelSpec
-from pipeline.teachers import Teacher, train_all
-from pipeline.transforms import AugParams
-from pipeline.tta import TTASpec
+from pipeline.lib.common import setup_logging
+from pipeline.lib.engine import TrainConfig
+from pipeline.lib.models import ModelSpec
+from pipeline.lib.teachers import Teacher, train_all
+from pipeline.lib.transforms import AugParams
+from pipeline.lib.tta import TTASpec
 setup_logging()
 prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
 teacher = Teacher(ModelSpec("resnet10t"), AugParams(affine=0, color=0, blur=0, noise=0, dropout=0),

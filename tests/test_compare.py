@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import compare
-from pipeline.common import PipelineError
-from pipeline.metrics import mcnemar
+from pipeline.tools import compare
+from pipeline.lib.common import PipelineError
+from pipeline.lib.metrics import mcnemar
 
 
 def test_exact_mcnemar_on_known_splits():

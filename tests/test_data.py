@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.download import download
 from pipeline.folds import make_folds
 from pipeline.prepare import prepare

@@ -15,16 +15,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoints
-from pipeline import distributed as ddp
-from pipeline import engine
-from pipeline.checkpoints import load_checkpoint
-from pipeline.common import PipelineError
-from pipeline.dataset import CellDataset, load_cache, split_rows
-from pipeline.engine import TrainConfig
+from pipeline.lib import checkpoints
+from pipeline.lib import distributed as ddp
+from pipeline.lib import engine
+from pipeline.lib.checkpoints import load_checkpoint
+from pipeline.lib.common import PipelineError
+from pipeline.lib.dataset import CellDataset, load_cache, split_rows
+from pipeline.lib.engine import TrainConfig
 from pipeline.folds import make_folds
-from pipeline.metrics import binary_metrics
-from pipeline.params import with_overrides
+from pipeline.lib.metrics import binary_metrics
+from pipeline.lib.params import with_overrides
 from helpers import dvc, project_copy, sha256
 
 REPO = Path(__file__).resolve().parents[1]

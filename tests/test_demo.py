@@ -1,4 +1,4 @@
-"""The demo bundle in the repo: real NIH cells, small, and exactly what `python -m pipeline.demo_bundle` builds."""
+"""The demo bundle in the repo: real NIH cells, small, and exactly what `python -m pipeline.tools.demo_bundle` builds."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.demo_bundle import build, content_digest
+from pipeline.tools.demo_bundle import build, content_digest
 from pipeline.download import download
 from pipeline.prepare import prepare
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.distill import teacher_files, unlabelled_rows
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.download import download
-from pipeline.kaggle_client import kaggle_credentials_present
+from pipeline.lib.kaggle_client import kaggle_credentials_present
 
 REPO = Path(__file__).resolve().parent.parent
 COMPETITION = "fighting-malaria-with-cnns"

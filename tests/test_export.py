@@ -8,13 +8,13 @@ import onnx
 import pytest
 import torch
 
-from pipeline import onnx_io
-from pipeline.dataset import CellDataset, split_rows, targets
-from pipeline.engine import TrainConfig, predict
+from pipeline.lib import onnx_io
+from pipeline.lib.dataset import CellDataset, split_rows, targets
+from pipeline.lib.engine import TrainConfig, predict
 from pipeline.export import int8_verdict
-from pipeline.images import normalize
-from pipeline.checkpoints import load_checkpoint
-from pipeline.transforms import AugParams, build_transform
+from pipeline.lib.images import normalize
+from pipeline.lib.checkpoints import load_checkpoint
+from pipeline.lib.transforms import AugParams, build_transform
 
 # int8 against fp32 on the sample's 600 labelled test cells: the accuracy drop measured for this student was
 # within 0.5 pp; 1.5 pp leaves room for the randomness of a 2-epoch model without hiding a broken quantization.

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from helpers import linked_user_folder
-from pipeline.common import OUTPUT_MARKER, PipelineError, written_whole
+from pipeline.lib.common import OUTPUT_MARKER, PipelineError, written_whole
 from pipeline.download import download
-from pipeline.checkpoints import read_checkpoint, save_checkpoint
-from pipeline.models import create_model
+from pipeline.lib.checkpoints import read_checkpoint, save_checkpoint
+from pipeline.lib.models import create_model
 from pipeline.prepare import prepare
 
 

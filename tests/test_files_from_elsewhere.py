@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from helpers import dvc, linked_user_folder, project_copy, set_params
-from pipeline import archives
-from pipeline.common import OUTPUT_MARKER, PipelineError
+from pipeline.lib import archives
+from pipeline.lib.common import OUTPUT_MARKER, PipelineError
 from pipeline.download import download
-from pipeline.images import BACKGROUND, MAX_PIXELS, NotAnImage, decode, to_rgb
+from pipeline.lib.images import BACKGROUND, MAX_PIXELS, NotAnImage, decode, to_rgb
 from pipeline.prepare import prepare
 from pipeline.validate import check_data_path
 
@@ -153,7 +153,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     with pytest.raises(NotAnImage, match="not a cell image: .*pixels"):
         decode(bomb, SIZE)
     # Outside pytest (which resets warning filters per test), Pillow's own warning is the error, and nothing is warned.
-    code = f"from pipeline.images import decode\ndecode({str(bomb)!r}, 32)"
+    code = f"from pipeline.lib.images import decode\ndecode({str(bomb)!r}, 32)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "NotAnImage: not a cell image: Image size (90250000 pixels) exceeds limit" in r.stderr, r.stderr[-2000:]
@@ -405,9 +405,9 @@ def test_predict_output_is_written_whole(shared_data, tmp_path, monkeypatch):
 
 def test_a_killed_export_leaves_the_last_complete_set(make_competition, download_prepare, tmp_path, monkeypatch):
     from pipeline import export as ex
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.models import create_model
-    from pipeline.tta import TTASpec
+    from pipeline.lib.checkpoints import save_checkpoint
+    from pipeline.lib.models import create_model
+    from pipeline.lib.tta import TTASpec
 
     p = download_prepare(make_competition(), tmp_path / "work", img_size=SIZE)
     student = tmp_path / "student"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from helpers import pipeline_log
-from pipeline.common import PipelineError, labelled_test_seen
+from pipeline.lib.common import PipelineError, labelled_test_seen
 from pipeline.distill import unlabelled_rows
 from pipeline.ensemble import ensemble
 from pipeline.export import int8_verdict

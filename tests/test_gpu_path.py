@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import common, engine, onnx_io
-from pipeline import precision as amp_precision
-from pipeline.common import PipelineError
-from pipeline.dataset import CellDataset, targets
-from pipeline.engine import TrainConfig, fit, predict
-from pipeline.losses import LabelLoss
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.models import create_model
-from pipeline.transforms import AugParams, build_transform
+from pipeline.lib import common, engine, onnx_io
+from pipeline.lib import precision as amp_precision
+from pipeline.lib.common import PipelineError
+from pipeline.lib.dataset import CellDataset, targets
+from pipeline.lib.engine import TrainConfig, fit, predict
+from pipeline.lib.losses import LabelLoss
+from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.lib.models import create_model
+from pipeline.lib.transforms import AugParams, build_transform
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=1, batch_size=16, num_workers=0, device="cpu", seed=3, patience=5, warmup_epochs=0,
@@ -143,7 +143,7 @@ def test_a_reloaded_model_is_channels_last_and_layout_changing_views_agree(tmp_p
     p_cl = predict(model, ds, CFG, CPU, views)
     plain = load_checkpoint(tmp_path / "checkpoint.pt")[0].to(memory_format=torch.contiguous_format)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    from pipeline.tta import apply_view
+    from pipeline.lib.tta import apply_view
 
     with torch.no_grad():
         ref = np.stack([torch.softmax(plain(apply_view(x, v).contiguous()), 1)[:, 1].numpy() for v in views], 1)

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gpucheck, gpuproject, wheelhouse
-from pipeline.common import PipelineError
-from pipeline.gpusections import Check, Skip
+from pipeline.tools import gpucheck, gpuproject, wheelhouse
+from pipeline.lib.common import PipelineError
+from pipeline.tools.gpusections import Check, Skip
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_mode_runs_every_section_that_applies(tmp_path):
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipeline.gpucheck", "--device", "cpu", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "pipeline.tools.gpucheck", "--device", "cpu", "--out", str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "gpucheck.jsonl").read_text().splitlines()]

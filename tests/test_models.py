@@ -1,4 +1,4 @@
-"""create_model (offline pretrained weights) and checkpoints (pipeline.models), on resnet10t at 32x32."""
+"""create_model (offline pretrained weights) and checkpoints (pipeline.lib.models), on resnet10t at 32x32."""
 from __future__ import annotations
 
 import time
@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
-from pipeline.common import PipelineError
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.models import NUM_CLASSES, create_model
+from pipeline.lib.common import PipelineError
+from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.lib.models import NUM_CLASSES, create_model
 
 ARCH = "resnet10t"
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed as ddp
-from pipeline import engine
-from pipeline import precision as amp_precision
-from pipeline.common import PipelineError
-from pipeline.params import Params, load_params
+from pipeline.lib import distributed as ddp
+from pipeline.lib import engine
+from pipeline.lib import precision as amp_precision
+from pipeline.lib.common import PipelineError
+from pipeline.lib.params import Params, load_params
 
 MPS = torch.device("mps")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.common import PipelineError
-from pipeline.params import load_params, map_keys, params_table, schema_keys, with_overrides
+from pipeline.lib.common import PipelineError
+from pipeline.lib.params import load_params, map_keys, params_table, schema_keys, with_overrides
 from pipeline.validate import main as validate_main
 from helpers import with_value
 
@@ -21,7 +21,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 def run_validate(params: dict, tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
     """`python -m pipeline.validate` in-process (what the first DVC stage runs): its exit code and log."""
-    from pipeline.common import run_main
+    from pipeline.lib.common import run_main
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
@@ -107,7 +107,7 @@ def test_schema_params_yaml_and_params_reference_agree():
     assert all(keys.values()), "every schema key needs a one-line description"
     reference = (ROOT / "docs" / "params.md").read_text()
     missing = [row for row in params_table(load_params(ROOT / "params.yaml")) if row not in reference]
-    assert not missing, ("docs/params.md's table is stale; paste `python -m pipeline.params`:\n"
+    assert not missing, ("docs/params.md's table is stale; paste `python -m pipeline.lib.params`:\n"
                          + "\n".join(missing))
     # Every key line of params.yaml carries a comment (the sections' headers and list items aside).
     text = (ROOT / "params.yaml").read_text()
@@ -180,8 +180,8 @@ def test_a_bad_lr_by_backbone_value_names_its_entry(tmp_path, monkeypatch, capsy
 
 
 def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
-    from pipeline import checkpoints
-    from pipeline.training import for_backbone, train_config
+    from pipeline.lib import checkpoints
+    from pipeline.lib.training import for_backbone, train_config
 
     params = with_value("train.lr_by_backbone", {"densenet121": 0.002})
     dense, res = for_backbone(params, "densenet121"), for_backbone(params, "resnet10t")
@@ -193,7 +193,7 @@ def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
     assert learned(params, "densenet121") != learned(other, "densenet121")
     assert "train.lr_by_backbone" not in learned(params, "densenet121")
     # The train stage's fingerprints come through Teacher.from_params, which resolves the map itself.
-    from pipeline.teachers import Teacher
+    from pipeline.lib.teachers import Teacher
 
     kept = Teacher.from_params(params, "densenet121").learned
     assert kept["train.lr"] == 0.002 and not any(k.startswith("train.lr_by_backbone") for k in kept)
@@ -201,7 +201,7 @@ def test_lr_by_backbone_sets_one_models_lr_and_fingerprint_only():
 
 def test_overrides_read_a_map_as_dvc_exp_run_does():
     """`dvc exp run -S` (Hydra): +key adds a map's entry, ~key removes one, a map value merges; with_overrides agrees."""
-    from pipeline.params import with_overrides
+    from pipeline.lib.params import with_overrides
 
     lrs = lambda *sets: with_overrides(PARAMS, list(sets))["train"]["lr_by_backbone"]
     assert lrs("+train.lr_by_backbone.resnet18=0.001") == {"densenet121": 0.002, "resnet18": 0.001}
@@ -219,8 +219,8 @@ def test_overrides_read_a_map_as_dvc_exp_run_does():
 def test_pretrained_names_the_models_that_start_from_imagenet(tmp_path):
     """train.pretrained as a list: those timm names start from ImageNet weights, every other model (the student) from
     scratch; each model's params (and fingerprint) hold only its own true or false."""
-    from pipeline.teachers import Teacher
-    from pipeline.training import for_backbone
+    from pipeline.lib.teachers import Teacher
+    from pipeline.lib.training import for_backbone
 
     params = with_value("train.pretrained", ["tf_efficientnet_lite0"])
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
@@ -233,9 +233,9 @@ def test_pretrained_names_the_models_that_start_from_imagenet(tmp_path):
 
 
 def test_epochs_by_backbone_sets_one_teachers_epochs_and_fingerprint_only():
-    from pipeline import checkpoints
-    from pipeline.model_card import teacher_epochs
-    from pipeline.training import for_backbone, train_config
+    from pipeline.lib import checkpoints
+    from pipeline.lib.model_card import teacher_epochs
+    from pipeline.lib.training import for_backbone, train_config
 
     params = with_value("train.epochs_by_backbone", {"densenet121": 4})
     dense, res = for_backbone(params, "densenet121"), for_backbone(params, "resnet10t")

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from pipeline import precision
-from pipeline.common import PipelineError
+from pipeline.lib import precision
+from pipeline.lib.common import PipelineError
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 

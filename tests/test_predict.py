@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.dataset import CellDataset, targets
-from pipeline.engine import TrainConfig, predict
-from pipeline.images import decode
-from pipeline.checkpoints import load_checkpoint
-from pipeline.transforms import AugParams, build_transform
+from pipeline.lib.dataset import CellDataset, targets
+from pipeline.lib.engine import TrainConfig, predict
+from pipeline.lib.images import decode
+from pipeline.lib.checkpoints import load_checkpoint
+from pipeline.lib.transforms import AugParams, build_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_predict(*args, cwd: Path | None = None, code: str = "") -> subprocess.CompletedProcess:
     """`python -m pipeline.predict ARGS` in a subprocess; `code` runs after main() (e.g. to inspect sys.modules)."""
     script = (f"import sys; sys.argv = ['predict', *{list(map(str, args))!r}]\n"
-              "from pipeline.common import run_main; from pipeline.predict import main\n"
+              "from pipeline.lib.common import run_main; from pipeline.predict import main\n"
               f"try:\n    run_main(main)\nfinally:\n    {code or 'pass'}\n")
     return subprocess.run([sys.executable, "-c", script], cwd=cwd or ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -167,8 +167,8 @@ def test_ensemble_tta_uses_the_views_its_run_recorded_not_todays_params(exported
 
 def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data, tmp_path):
     """With train.refit the submission came from full/: predict uses it, not the (here different) fold models."""
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.models import create_model
+    from pipeline.lib.checkpoints import save_checkpoint
+    from pipeline.lib.models import create_model
 
     models, ensemble = tmp_path / "models", tmp_path / "ensemble"
     other = create_model("resnet10t")
@@ -192,7 +192,7 @@ def test_ensemble_with_refit_uses_the_refit_models(exported_student, shared_data
 
 def test_cpu_predicts_in_batches_of_at_least_128_and_a_gpu_in_the_training_batch():
     """Bigger batches predict faster on a CPU; on a GPU the training batch is the one known to fit in memory."""
-    from pipeline.engine import EVAL_BATCH_CPU, loader
+    from pipeline.lib.engine import EVAL_BATCH_CPU, loader
 
     ds = CellDataset(np.zeros((300, 8, 8, 3), np.uint8), targets(np.zeros(300)), lambda image: {"image": image})
     assert EVAL_BATCH_CPU == 128

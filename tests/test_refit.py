@@ -15,10 +15,10 @@ import yaml
 
 from helpers import pipeline_log, sha256
 from pipeline import train as train_mod
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.ensemble import ensemble
 from pipeline.folds import make_folds
-from pipeline.metrics import binary_metrics
+from pipeline.lib.metrics import binary_metrics
 from pipeline.train import refit_epochs
 
 ROOT = Path(__file__).resolve().parents[1]

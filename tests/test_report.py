@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "report.ipynb"
@@ -262,8 +262,8 @@ def fake_run(root: Path) -> dict:
 
 
 def test_model_card_from_the_run(tmp_path):
-    from pipeline.params import load_params
-    from pipeline.model_card import model_card
+    from pipeline.lib.params import load_params
+    from pipeline.lib.model_card import model_card
 
     paths, params = fake_run(tmp_path), load_params(ROOT / "params.yaml")
     card = model_card(**paths, params={**params, "data": {**params["data"], "source": "demo"}})
@@ -303,8 +303,8 @@ def no_fold_run(root: Path) -> dict:
 
 
 def test_model_card_without_folds_says_there_is_no_cv(tmp_path):
-    from pipeline.params import load_params
-    from pipeline.model_card import model_card
+    from pipeline.lib.params import load_params
+    from pipeline.lib.model_card import model_card
 
     params = load_params(ROOT / "params.yaml")
     params = {**params, "folds": {**params["folds"], "n": 0}, "train": {**params["train"], "epochs": 3}}

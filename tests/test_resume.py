@@ -13,16 +13,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoints
-from pipeline import engine
-from pipeline.checkpoints import save_checkpoint
+from pipeline.lib import checkpoints
+from pipeline.lib import engine
+from pipeline.lib.checkpoints import save_checkpoint
 from pipeline.distill import Recipe, distill
-from pipeline.engine import TrainConfig
+from pipeline.lib.engine import TrainConfig
 from pipeline.folds import make_folds
-from pipeline.models import ModelSpec, create_model
-from pipeline.teachers import Teacher, train_fold
-from pipeline.transforms import AugParams
-from pipeline.tta import TTASpec
+from pipeline.lib.models import ModelSpec, create_model
+from pipeline.lib.teachers import Teacher, train_fold
+from pipeline.lib.transforms import AugParams
+from pipeline.lib.tta import TTASpec
 from helpers import sha256, with_value
 
 ROOT = Path(__file__).resolve().parents[1]

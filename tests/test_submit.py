@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from pipeline import submit as submit_mod
-from pipeline.common import PipelineError
+from pipeline.lib.common import PipelineError
 from pipeline.submit import make_submissions, send, validate_submission
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import make_synthetic
+from pipeline.lib.synthetic import make_synthetic
 
 N_TRAIN, N_TEST, N_HIDDEN = 80, 30, 20
 SPLIT_DIRS = ("train", "test", "hidden_test")

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import run_main
+from pipeline.lib.common import run_main
 from pipeline.report import write_timing_summary
 
 
@@ -44,7 +44,7 @@ def test_a_stage_freezes_the_garbage_collector_at_exit(tmp_path):
     (an atexit handler registered earlier runs later, and sees the frozen objects)."""
     script = ("import atexit, gc\n"
               "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
-              "from pipeline.common import run_main\n"
+              "from pipeline.lib.common import run_main\n"
               "run_main(lambda: print('frozen during the stage:', gc.get_freeze_count() > 0))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])

@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dataset import CellDataset, load_cache, targets
+from pipeline.lib.dataset import CellDataset, load_cache, targets
 from pipeline.download import download
-from pipeline.engine import TrainConfig, fit
+from pipeline.lib.engine import TrainConfig, fit
 from pipeline.folds import make_folds
-from pipeline.losses import LabelLoss
-from pipeline.models import ModelSpec, create_model, data_config
+from pipeline.lib.losses import LabelLoss
+from pipeline.lib.models import ModelSpec, create_model, data_config
 from pipeline.prepare import prepare
-from pipeline.teachers import Teacher, train_fold
-from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import TTASpec
+from pipeline.lib.teachers import Teacher, train_fold
+from pipeline.lib.transforms import AugParams, build_transform
+from pipeline.lib.tta import TTASpec
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_same_seed_gives_identical_oof(real64, tmp_path):
 def test_cuda_requested_without_a_gpu_is_a_clear_error():
     import torch
 
-    from pipeline.common import PipelineError
-    from pipeline.engine import resolve_device
+    from pipeline.lib.common import PipelineError
+    from pipeline.lib.engine import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
@@ -154,7 +154,7 @@ class FakePredict:
     """predict() stand-in: the pixels' mean is the probability, so a wrong row or split shows in the CSV."""
 
     def __init__(self, monkeypatch):
-        from pipeline import predictions
+        from pipeline.lib import predictions
 
         self.calls = []
         monkeypatch.setattr(predictions, "predict", self)
@@ -166,7 +166,7 @@ class FakePredict:
 
 def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, monkeypatch):
     """The public layout's hidden set is its test holdout: one pass serves test.csv and hidden.csv."""
-    from pipeline.predictions import write_split_predictions
+    from pipeline.lib.predictions import write_split_predictions
 
     fake, cfg = FakePredict(monkeypatch), TrainConfig(num_workers=0, device="cpu")
     public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
@@ -189,7 +189,7 @@ def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, 
 
 def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path, monkeypatch):
     """The competition bundle's hidden set is its own images: both splits are predicted."""
-    from pipeline.predictions import write_split_predictions
+    from pipeline.lib.predictions import write_split_predictions
 
     fake = FakePredict(monkeypatch)
     tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, TrainConfig(
@@ -201,7 +201,7 @@ def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path,
 def test_each_trained_epoch_logs_its_seconds_and_the_time_left(monkeypatch, caplog):
     """Replayed epochs of a resumed run come at once and are not counted; a trained one says its seconds and an
     estimate of the model's time left (the mean trained epoch times the epochs to come)."""
-    from pipeline import training
+    from pipeline.lib import training
 
     clock = iter([0.0, 0.01, 0.02, 10.02, 30.02])
     monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
@@ -209,7 +209,7 @@ def test_each_trained_epoch_logs_its_seconds_and_the_time_left(monkeypatch, capl
     live = type("Live", (), {"log_metric": lambda self, k, v: seen.append(k),
                              "next_step": lambda self: seen.append("|")})
     progress = training.EpochProgress(live(), "resnet10t fold 1", epochs=5, early_stop=True)
-    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+    with caplog.at_level(logging.INFO, logger="pipeline.lib.training"):
         for _ in range(4):
             progress.log_metric("train_loss", 0.5)
             progress.next_step()

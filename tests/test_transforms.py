@@ -1,4 +1,4 @@
-"""build_transform / AugParams (pipeline.transforms) and per-sample seeding in CellDataset."""
+"""build_transform / AugParams (pipeline.lib.transforms) and per-sample seeding in CellDataset."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.dataset import CellDataset
-from pipeline.transforms import AugParams, build_transform
+from pipeline.lib.dataset import CellDataset
+from pipeline.lib.transforms import AugParams, build_transform
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -12,24 +12,24 @@ import pytest
 import timm
 import torch
 
-from pipeline import checkpoints
-from pipeline import distributed as ddp
-from pipeline import engine
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.common import PipelineError
-from pipeline.dataset import CellDataset, targets
+from pipeline.lib import checkpoints
+from pipeline.lib import distributed as ddp
+from pipeline.lib import engine
+from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.lib.common import PipelineError
+from pipeline.lib.dataset import CellDataset, targets
 from pipeline.distill import ms_per_image
-from pipeline.engine import TrainConfig
+from pipeline.lib.engine import TrainConfig
 from pipeline.export import export
-from pipeline.losses import LabelLoss
-from pipeline.models import create_model, data_config, read_weights
-from pipeline.params import load_params
+from pipeline.lib.losses import LabelLoss
+from pipeline.lib.models import create_model, data_config, read_weights
+from pipeline.lib.params import load_params
 from pipeline.predict import ensemble_probs, image_size
 from pipeline.train import refit_epochs
-from pipeline.training import train_logged
-from pipeline.transforms import AugParams, build_transform
-from pipeline.tta import TTASpec
-from pipeline.weights_only import TRUST_ENV, UntrustedCheckpoint, read_checkpoint
+from pipeline.lib.training import train_logged
+from pipeline.lib.transforms import AugParams, build_transform
+from pipeline.lib.tta import TTASpec
+from pipeline.lib.weights_only import TRUST_ENV, UntrustedCheckpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet10t"

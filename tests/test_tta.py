@@ -1,4 +1,4 @@
-"""TTA views (pipeline.tta) and their use in pipeline.engine.predict."""
+"""TTA views (pipeline.lib.tta) and their use in pipeline.lib.engine.predict."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tta import apply_view
-from pipeline.views import CROPS, D4, expand_views
+from pipeline.lib.tta import apply_view
+from pipeline.lib.views import CROPS, D4, expand_views
 
 
 def square() -> torch.Tensor:
@@ -205,8 +205,8 @@ N_IMAGES, SIDE = 6, 16
 
 @pytest.fixture(scope="module")
 def dataset():
-    from pipeline.dataset import CellDataset
-    from pipeline.transforms import AugParams, build_transform
+    from pipeline.lib.dataset import CellDataset
+    from pipeline.lib.transforms import AugParams, build_transform
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(N_IMAGES, SIDE, SIDE, 3), dtype=np.uint8)
@@ -216,7 +216,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def cfg():
-    from pipeline.engine import TrainConfig
+    from pipeline.lib.engine import TrainConfig
 
     return TrainConfig(batch_size=4, num_workers=0, device="cpu")  # 6 images: a full and a partial batch
 
@@ -248,7 +248,7 @@ def plain(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("make", [invariant_model, asymmetric_model], ids=["invariant", "asymmetric"])
 def test_predict_identity_is_the_plain_eval_prediction(dataset, cfg, make):
-    from pipeline.engine import predict
+    from pipeline.lib.engine import predict
 
     model = make()
     model.train()  # predict must switch to eval mode (the asymmetric model has dropout)
@@ -258,7 +258,7 @@ def test_predict_identity_is_the_plain_eval_prediction(dataset, cfg, make):
 
 
 def test_predict_d4_of_an_invariant_model_equals_the_plain_prediction(dataset, cfg):
-    from pipeline.engine import predict
+    from pipeline.lib.engine import predict
 
     model = invariant_model()
     probs = predict(model, dataset, cfg, torch.device("cpu"), expand_views(["d4"]), 0.875, "test")
@@ -269,7 +269,7 @@ def test_predict_d4_of_an_invariant_model_equals_the_plain_prediction(dataset, c
 
 
 def test_predict_views_of_a_non_invariant_model_differ(dataset, cfg):
-    from pipeline.engine import predict
+    from pipeline.lib.engine import predict
 
     views = expand_views(["d4"])
     model = asymmetric_model()
@@ -285,7 +285,7 @@ def test_predict_views_of_a_non_invariant_model_differ(dataset, cfg):
 
 
 def test_predict_passes_crop_scale(dataset, cfg):
-    from pipeline.engine import predict
+    from pipeline.lib.engine import predict
 
     x = batch(dataset)
     for scale in (0.5, 0.75):
