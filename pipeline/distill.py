@@ -49,7 +49,7 @@ class Recipe:
         return cls(d["alpha"], d["temperature"], d["teacher"], d["unlabelled"], d["label_noise"], d["timing_images"])
 
 
-def ms_per_image(files: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
+def inference_ms(files: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
                  crop_scale: float) -> dict[str, float]:
     """Wall time per image to predict `images` with every checkpoint, per named set of views: inference alone. The
     models are loaded and the images normalised beforehand, batches come from memory (no loader workers to start),
@@ -215,8 +215,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     sample = images[test_rows[:recipe.timing_images]]
     teachers = sorted(d / "checkpoint.pt" for b in backbones for d in prediction_dirs(models_dir, b, b in refit))
     view_sets = {"plain": ["identity"], "tta": list(tta.views)}
-    student_ms = ms_per_image([ckpt], sample, cfg, view_sets, tta.crop_scale)
-    teachers_ms = ms_per_image(teachers, sample, cfg, view_sets, tta.crop_scale)
+    student_ms = inference_ms([ckpt], sample, cfg, view_sets, tta.crop_scale)
+    teachers_ms = inference_ms(teachers, sample, cfg, view_sets, tta.crop_scale)
     report = {
         "student": {"test": binary_metrics(y, test["prob"]), "ms_per_image": student_ms["plain"]},
         "student_tta": {"test": binary_metrics(y, test["prob_tta"]), "ms_per_image": student_ms["tta"]},

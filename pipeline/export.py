@@ -58,7 +58,7 @@ def to_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
 
 
-def ms_per_image(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int) -> float:
+def batched_ms(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int) -> float:
     """Wall time per image of `run` over `x` in batches of `batch`, after one warm-up batch."""
     run(x[:batch])
     start = time.perf_counter()
@@ -78,8 +78,8 @@ def timings(model: torch.nn.Module, onnx_files: dict[str, Path], x: np.ndarray) 
             runners = {"torch_fp32": lambda b: model(torch.from_numpy(b)),
                        **{n: (lambda b, s=s: s.run(None, {"image": b})) for n, s in sessions.items()}}
             for name, run in runners.items():
-                out[name][f"batch1_{tag}"] = ms_per_image(run, x[:32], 1)
-                out[name][f"batch64_{tag}"] = ms_per_image(run, x[:128], 64)
+                out[name][f"batch1_{tag}"] = batched_ms(run, x[:32], 1)
+                out[name][f"batch64_{tag}"] = batched_ms(run, x[:128], 64)
     torch.set_num_threads(saved)
     return out
 

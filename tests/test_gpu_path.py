@@ -254,7 +254,7 @@ def test_timing_warms_every_view_and_starts_no_loader_workers(tmp_path, monkeypa
     monkeypatch.setattr(distill, "predict", recorded)
     monkeypatch.setattr(engine, "DataLoader", Counted)
     cfg = TrainConfig(**{**CFG.__dict__, "num_workers": 4})
-    ms = distill.ms_per_image([tmp_path / "checkpoint.pt"] * 2, cells(16)[0], cfg,
+    ms = distill.inference_ms([tmp_path / "checkpoint.pt"] * 2, cells(16)[0], cfg,
                               {"plain": ["identity"], "tta": ["identity", "hflip", "transpose"]}, 0.875)
     warmed = {v for desc, views in calls if desc == "warm-up" for v in views}
     timed = [views for desc, views in calls if desc == "timing"]

@@ -18,7 +18,7 @@ from pipeline.lib import engine
 from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.lib.common import PipelineError
 from pipeline.lib.dataset import CellDataset, targets
-from pipeline.distill import ms_per_image
+from pipeline.distill import inference_ms
 from pipeline.lib.engine import TrainConfig
 from pipeline.export import export
 from pipeline.lib.losses import LabelLoss
@@ -161,7 +161,7 @@ def test_predict_refuses_to_read_the_image_size_from_a_checkpoint_that_is_not_we
 def test_distill_refuses_a_teacher_that_is_not_weights_only(tmp_path, marker, checkpoint):
     bad = plant(tmp_path / "models" / ARCH / "fold0" / "checkpoint.pt", marker, checkpoint)
     with pytest.raises(UntrustedCheckpoint, match=re.escape(str(bad))):
-        ms_per_image([bad], np.zeros((2, 32, 32, 3), np.uint8), CFG, {"plain": ["identity"]}, 0.875)
+        inference_ms([bad], np.zeros((2, 32, 32, 3), np.uint8), CFG, {"plain": ["identity"]}, 0.875)
 
 
 def test_export_refuses_a_student_that_is_not_weights_only(tmp_path, marker, checkpoint):

@@ -31,6 +31,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def native(device: torch.device) -> list[str]:
+    """The precisions a device runs natively, worth timing: fp32, fp16 on CUDA, bf16 where the hardware has it."""
+    if device.type == "cuda":
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.get_device_capability(device) >= (8, 0) else [])
+    return ["fp32"] + (["bf16"] if device.type == "cpu" and cpu_has_native_bf16() else [])
+
+
 def choose(requested: str, device: torch.device, arch: str, capability: tuple[int, int] | None = None,
            native_cpu_bf16: bool | None = None) -> str:
     """The precision to train with: `requested` (auto | fp32 | bf16 | fp16) resolved for this device and backbone."""

@@ -70,13 +70,6 @@ def images_per_s(model, batches, device, n_batches: int, warmup: int = 2, precis
     return seen / (time.perf_counter() - start)
 
 
-def precisions(device: torch.device) -> list[str]:
-    """The precisions worth timing here: fp32, and the half precisions this device has natively."""
-    if device.type == "cuda":
-        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.get_device_capability(device) >= (8, 0) else [])
-    return ["fp32"] + (["bf16"] if amp_precision.cpu_has_native_bf16() else [])
-
-
 def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, aug: AugParams, n_batches: int,
                 precision_list: list[str] | None = None) -> dict:
     """Training images/s per precision: the bare step on tensors in memory, the pipeline's loader + step, and (fp32)
@@ -92,7 +85,7 @@ def bench_train(prepared: Path, raw: Path, *, backbone: str, cfg: TrainConfig, a
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     log.info("%s at %dpx, batch %d, %d loader workers, %s", backbone, size, cfg.batch_size, workers(cfg, device), name)
     results = {}
-    for precision in precision_list or precisions(device):
+    for precision in precision_list or amp_precision.native(device):
         bare = images_per_s(model, iter(lambda: (x, torch.zeros(len(x), 2)), None), device, n_batches,
                             precision=precision)
         piped = images_per_s(model, train_loader(CellDataset(images[rows], targets(np.zeros(len(rows))), tf), cfg,

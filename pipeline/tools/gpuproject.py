@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tools.gpusections import BACKBONE, REPO, SIZE, Check, Skip, precisions
+from pipeline.lib.precision import native
+from pipeline.tools.gpusections import BACKBONE, REPO, SIZE, Check, Skip
 
 
 def speed_and_memory(check: Check) -> dict:
@@ -23,7 +24,7 @@ def speed_and_memory(check: Check) -> dict:
     d = check.partial  # each figure kept as it comes: a timeout or an out-of-memory still reports the others
     if check.cuda:
         for arch in ("densenet201", "resnet101", "efficientnet_b3"):
-            for precision in [p for p in precisions(check) if p != "fp32"]:
+            for precision in [p for p in native(check.device) if p != "fp32"]:
                 model = create_model(arch).to(check.device).to(memory_format=torch.channels_last)
                 torch.cuda.reset_peak_memory_stats(check.device)
                 x = torch.randn(128, 3, 160, 160)
@@ -38,7 +39,7 @@ def speed_and_memory(check: Check) -> dict:
         for size in sizes:
             model = create_model(arch).to(check.device).to(memory_format=torch.channels_last)
             x = torch.randn(64, 3, size, size)
-            for precision in precisions(check):
+            for precision in native(check.device):
                 ips = images_per_s(model, iter(lambda: (x, torch.zeros(64, 2)), None), check.device, n,
                                    precision=precision)
                 d[f"img/s {arch} {size}px {precision}"] = round(ips)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.lib.cards import cards
+from pipeline.lib.precision import native
 
 
 class SectionTimeout(Exception):
@@ -53,14 +54,6 @@ SIZE, BACKBONE = 64, "resnet10t"
 RESUME_TOLERANCE = {"cpu": 1e-5, "cuda": 0.02}
 PACKAGES = ("albumentations", "pydantic", "dvc", "dvclive", "kaggle", "cleanlab", "nbclient", "weasyprint",
             "onnxruntime")
-
-
-def precisions(check: Check) -> list[str]:
-    from pipeline.lib.precision import cpu_has_native_bf16
-
-    if check.cuda:
-        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.get_device_capability(check.device) >= (8, 0) else [])
-    return ["fp32"] + (["bf16"] if check.device.type == "cpu" and cpu_has_native_bf16() else [])
 
 
 def environment(check: Check) -> dict:
@@ -202,7 +195,7 @@ def predictions(check: Check) -> dict:
     x = _val_inputs(check, ck)
     ref = _probs(model, x, torch.device("cpu"), "fp32")
     d, failed = {}, False
-    for precision in precisions(check):
+    for precision in native(check.device):
         p = _probs(model, x, check.device, precision)
         nan = int(np.isnan(p).sum())
         d[precision] = {"max |Δ|": float(np.abs(p - ref).max()), "mean |Δ|": float(np.abs(p - ref).mean()), "NaN": nan}
