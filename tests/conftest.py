@@ -20,21 +20,14 @@ from helpers import dvc, project_copy, run_outputs, tiny_params  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PREPARED_SIZE = 32  # img_size for the shared prepared samples: small keeps the session fast
 
-# Parallel workers (pytest.ini: pytest-xdist's -n auto, --dist loadgroup). The groups below mean: one test file in one
-# worker (its module fixtures built once), the files sharing a session fixture built in minutes in the same worker.
-# pytest 9 with xdist 3.8 drops them (xdist writes the group into item._nodeid, which pytest 9 no longer reads), so
-# today each test is scheduled on its own and such a fixture may be built in both workers; the order below still holds.
-SHARED_WORKER = {"test_e2e": "tiny_chain", "test_kills": "tiny_chain", "test_export": "exported_student",
-                 "test_predict": "exported_student"}
-# Handed out first, longest first, a short one between the two longest, so no long file starts last.
-FIRST = ["tiny_chain", "test_kaggle_notebook", "test_params", "test_ddp", "test_train", "test_gpucheck"]
+# Parallel workers (pytest.ini: pytest-xdist's -n auto, --dist loadgroup, which hands out one test at a time in
+# collection order): the longest files first, a short one between the two longest, so no long file starts last.
+FIRST = ["test_e2e", "test_kills", "test_kaggle_notebook", "test_params", "test_ddp", "test_train", "test_gpucheck"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.stem, item.path.stem)))
     rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(SHARED_WORKER.get(item.path.stem, item.path.stem), len(FIRST)))
+    items.sort(key=lambda item: rank.get(item.path.stem, len(FIRST)))
 
 
 def share_the_cores() -> None:
