@@ -19,7 +19,7 @@ from pipeline.lib import distributed as ddp
 from pipeline.lib.checkpoints import load_checkpoint, read_checkpoint
 from pipeline.lib.common import PipelineError, labelled_test_seen, run_main, write_text_whole
 from pipeline.lib.dataset import load_cache, split_rows, targets
-from pipeline.lib.engine import TrainConfig, predict, resolve_device
+from pipeline.lib.engine import InferConfig, TrainConfig, predict, resolve_device
 from pipeline.lib.images import normalize
 from pipeline.lib.label_noise import kept_rows, label_issues
 from pipeline.lib.layout import fold_dirs, full_dir, prediction_dirs
@@ -49,7 +49,7 @@ class Recipe:
         return cls(d["alpha"], d["temperature"], d["teacher"], d["unlabelled"], d["label_noise"], d["timing_images"])
 
 
-def inference_ms(files: list[Path], images: np.ndarray, cfg: TrainConfig, view_sets: dict[str, list[str]],
+def inference_ms(files: list[Path], images: np.ndarray, cfg: InferConfig, view_sets: dict[str, list[str]],
                  crop_scale: float) -> dict[str, float]:
     """Wall time per image to predict `images` with every checkpoint, per named set of views: inference alone. The
     models are loaded and the images normalised beforehand, batches come from memory (no loader workers to start),
@@ -215,8 +215,8 @@ def distill(prepared: Path, ensemble_dir: Path, models_dir: Path, out: Path, *, 
     sample = images[test_rows[:recipe.timing_images]]
     teachers = sorted(d / "checkpoint.pt" for b in backbones for d in prediction_dirs(models_dir, b, b in refit))
     view_sets = {"plain": ["identity"], "tta": list(tta.views)}
-    student_ms = inference_ms([ckpt], sample, cfg, view_sets, tta.crop_scale)
-    teachers_ms = inference_ms(teachers, sample, cfg, view_sets, tta.crop_scale)
+    student_ms = inference_ms([ckpt], sample, cfg.inference, view_sets, tta.crop_scale)
+    teachers_ms = inference_ms(teachers, sample, cfg.inference, view_sets, tta.crop_scale)
     report = {
         "student": {"test": binary_metrics(y, test["prob"]), "ms_per_image": student_ms["plain"]},
         "student_tta": {"test": binary_metrics(y, test["prob_tta"]), "ms_per_image": student_ms["tta"]},

@@ -20,7 +20,7 @@ from pipeline.lib.checkpoints import load_checkpoint
 from pipeline.lib.common import (PipelineError, available_cores, git_commit, labelled_test_seen, run_main, write_text_whole,
                              written_whole)
 from pipeline.lib.dataset import load_cache, split_rows
-from pipeline.lib.engine import TrainConfig, predict
+from pipeline.lib.engine import InferConfig, predict
 from pipeline.lib.images import normalize
 from pipeline.lib.metrics import binary_metrics
 from pipeline.lib.params import load_params
@@ -97,7 +97,7 @@ def export(prepared: Path, student: Path, out: Path, *, tta: TTASpec) -> dict:
     y = index["label"].to_numpy()[test].astype(int)
     x = normalize(images[test], norm["mean"], norm["std"])
     # The reference: the pipeline's own prediction function on the cache, in fp32 on the CPU.
-    reference = predict(model, eval_dataset(images[test], norm), TrainConfig(batch_size=64, num_workers=0, device="cpu"), torch.device("cpu"),
+    reference = predict(model, eval_dataset(images[test], norm), InferConfig(device="cpu"), torch.device("cpu"),
                         desc="torch")[:, 0]
     out.parent.mkdir(parents=True, exist_ok=True)
     # The five files replace the old ones as one set (a folder swapped in, as prepare does): a kill or a failed

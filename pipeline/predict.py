@@ -134,7 +134,7 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
     stage chose, with the TTA views its run recorded; returns the probabilities and the threshold."""
     # Imported here: the checkpoints need torch, the ONNX path does not.
     from pipeline.lib.blend import blend
-    from pipeline.lib.engine import TrainConfig
+    from pipeline.lib.engine import InferConfig
     from pipeline.lib.predictions import backbone_probs
     from pipeline.lib.tta import TTASpec
 
@@ -150,7 +150,7 @@ def ensemble_probs(images: np.ndarray, models_dir: Path, ensemble_dir: Path, tta
         raise PipelineError(f"{scores} does not say which TTA views its run used (it was written before they were "
                             "recorded): run `dvc repro ensemble`, or predict without --tta.")
     spec = TTASpec.from_params(tta_params) if tta else TTASpec()  # the identity view alone
-    cfg = TrainConfig(batch_size=batch_size, num_workers=0, device="auto")
+    cfg = InferConfig(batch_size=batch_size, num_workers=0, device="auto")
     columns = [backbone_probs(models_dir, b, b in refit, images, spec, cfg) for b in chosen["weights"]]
     return blend(np.stack(columns, 1), np.asarray(list(chosen["weights"].values()))), chosen["threshold"]
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from helpers import dvc, project_copy, run_outputs, tiny_params  # noqa: E402
+from helpers import dvc, project_copy, run_outputs, tiny_params, train_cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PREPARED_SIZE = 32  # img_size for the shared prepared samples: small keeps the session fast
@@ -121,13 +121,28 @@ class Exported:
 
 @pytest.fixture(scope="session")
 def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """resnet10t trained 2 epochs on the sample's 3,000 training cells at 32 px (~15 s), then exported (~10 s)."""
+    """resnet10t trained 2 epochs on the sample's 3,000 training cells at 32 px (~15 s), then exported (~10 s): built
+    once per test session, the xdist workers sharing one folder (the tests only read it)."""
     import json
+
+    from filelock import FileLock
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    work = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("x")) / "exported"
+    with FileLock(f"{work}.lock"):
+        if not (work / "export" / "scores.json").is_file():
+            _export_a_student(nndl_prepared, work)
+    return Exported(nndl_prepared, work / "student", work / "export",
+                    json.loads((work / "export/scores.json").read_text()))
+
+
+def _export_a_student(nndl_prepared: Prepared, work: Path) -> None:
+    import shutil
 
     import torch
 
     from pipeline.lib.dataset import CellDataset, split_rows, targets
-    from pipeline.lib.engine import TrainConfig, fit
+    from pipeline.lib.engine import fit
     from pipeline.export import export
     from pipeline.lib.losses import LabelLoss
     from pipeline.lib.checkpoints import save_checkpoint
@@ -135,21 +150,21 @@ def exported_student(nndl_prepared: Prepared, tmp_path_factory: pytest.TempPathF
     from pipeline.lib.transforms import AugParams, build_transform
     from pipeline.lib.tta import TTASpec
 
-    work = tmp_path_factory.mktemp("exported")
+    shutil.rmtree(work, ignore_errors=True)  # a worker killed while building it
+    work.mkdir(parents=True)
     torch.manual_seed(0)
     model = create_model("resnet10t")
     rows = split_rows(nndl_prepared.index, "train")
     labels = nndl_prepared.index["label"].to_numpy(float)[rows]
     aug = AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)
     ds = CellDataset(nndl_prepared.images[rows], targets(labels), build_transform(True, aug, **data_config(model)))
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, select_best=False, num_workers=0, device="cpu")
+    cfg = train_cfg(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, select_best=False, num_workers=0, device="cpu")
     fit(model, ds, None, None, LabelLoss(0.0), cfg, work)
     student = work / "student"
     student.mkdir()
     save_checkpoint(student / "checkpoint.pt", model.eval(), arch="resnet10t", params={"img_size": PREPARED_SIZE},
                     epoch=2, metric={})
     export(nndl_prepared.out, student, work / "export", tta=TTASpec(("identity", "hflip", "crop_center"), 0.875))
-    return Exported(nndl_prepared, student, work / "export", json.loads((work / "export/scores.json").read_text()))
 
 
 @dataclass

@@ -23,6 +23,14 @@ REQUIRED_FIGURES = 12  # the report notebook's figures
 DVC_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def train_cfg(**changes):
+    """engine.TrainConfig as the train stage builds it from params.yaml's train section (which holds the defaults),
+    seed 0, with the test's changes."""
+    from pipeline.lib.training import train_config
+
+    return train_config(PARAMS["train"], changes.pop("seed", 0), **changes)
+
+
 def with_value(key: str, value, params: dict | None = None) -> dict:
     """A deep copy of `params` (default: params.yaml) with the dotted `key` set to `value`."""
     out = copy.deepcopy(PARAMS if params is None else params)

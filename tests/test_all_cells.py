@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 
-from helpers import pipeline_log, sha256
+from helpers import pipeline_log, sha256, train_cfg
 from pipeline.lib import batch_aug
 from pipeline import train as train_mod
 from pipeline.lib.common import PipelineError
 from pipeline.distill import Recipe, distill
-from pipeline.lib.engine import TrainConfig
 from pipeline.ensemble import ensemble_without_folds
 from pipeline.folds import make_folds
 from pipeline.lib.models import ModelSpec
@@ -174,7 +173,7 @@ def test_the_student_refuses_a_label_check_it_cannot_make(trained, tmp_path):
     recipe = Recipe(0.5, 2.0, "ensemble_tta", "none", "drop", 8)
     with pytest.raises(PipelineError, match="label_noise is drop, but folds.n is 0"):
         distill(root / "prepared", tmp_path / "ens", root / "models", tmp_path / "student",
-                student=ModelSpec(BACKBONE), recipe=recipe, cfg=TrainConfig(epochs=1, device="cpu"), aug=AugParams(),
+                student=ModelSpec(BACKBONE), recipe=recipe, cfg=train_cfg(epochs=1, device="cpu"), aug=AugParams(),
                 tta=TTASpec(), params={}, backbones=[BACKBONE])
 
 

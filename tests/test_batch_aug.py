@@ -7,10 +7,11 @@ import torch
 
 from pipeline.lib import batch_aug
 from pipeline.lib.dataset import CellDataset, targets
-from pipeline.lib.engine import TrainConfig, fit
+from pipeline.lib.engine import fit
 from pipeline.lib.losses import DistillLoss, LabelLoss
 from pipeline.lib.models import create_model, data_config
 from pipeline.lib.transforms import AugParams, build_transform
+from helpers import train_cfg
 
 
 @pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
@@ -94,7 +95,7 @@ def test_the_loop_feeds_the_progressive_sizes_from_the_one_cache(tmp_path):
     model = create_model("resnet10t")
     tf = build_transform(True, AugParams(), **data_config(model))
     spy = SizeSpy(model)
-    cfg = TrainConfig(epochs=4, batch_size=16, num_workers=0, device="cpu", progressive=0.5, select_best=False,
+    cfg = train_cfg(epochs=4, batch_size=16, num_workers=0, device="cpu", progressive=0.5, select_best=False,
                       precision="fp32", mixup=0.2, cutmix=1.0)
     fit(spy, CellDataset(images, targets(labels), tf), None, None, LabelLoss(), cfg, tmp_path)
     assert spy.sizes == [32, 32, 48, 48, 64, 64, 64, 64]  # 2 steps per epoch

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.tools.ablations import bench_plain
-from pipeline.lib.engine import TrainConfig
 from pipeline.lib.models import ModelSpec
 from pipeline.lib.teachers import Teacher
 from pipeline.lib.transforms import AugParams
 from pipeline.lib.tta import TTASpec
+from helpers import train_cfg
 
 
 def plain_teacher(aug: AugParams = AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)) -> Teacher:
@@ -21,7 +21,7 @@ def plain_teacher(aug: AugParams = AugParams(affine=0, color=0, blur=0, noise=0,
 
 
 def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nndl_prepared, tmp_path, caplog):
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, num_workers=0, device="cpu", seed=7)
+    cfg = train_cfg(epochs=2, batch_size=64, lr=3e-3, ema_decay=0, num_workers=0, device="cpu", seed=7)
     with caplog.at_level(logging.INFO):
         r = bench_plain(nndl_prepared.out, tmp_path, teacher=plain_teacher(), cfg=cfg)
     assert (r["train_images"], r["test_images"]) == (3000, 600)
@@ -39,7 +39,7 @@ def test_plain_network_trains_on_every_training_cell_and_scores_the_test_set(nnd
 def test_plain_train_cells_sets_the_epochs_size_and_always_trains_fresh(nndl_prepared, tmp_path, caplog):
     """--train-cells repeats (or cuts) the training cells to time an epoch of another data set's size; a second run
     sets the finished last.pt aside instead of reusing it, and the same seed trains the same model."""
-    cfg = TrainConfig(epochs=1, batch_size=64, ema_decay=0, num_workers=0, device="cpu")
+    cfg = train_cfg(epochs=1, batch_size=64, ema_decay=0, num_workers=0, device="cpu")
     r = bench_plain(nndl_prepared.out, tmp_path, teacher=plain_teacher(), cfg=cfg, train_cells=128)
     assert r["train_images"] == 128 and r["test_images"] == 600
     with caplog.at_level(logging.INFO):

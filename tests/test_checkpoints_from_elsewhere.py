@@ -176,16 +176,19 @@ import json, logging, sys
 from pathlib import Path
 import timm
 from pipeline.lib.common import setup_logging
-from pipeline.lib.engine import TrainConfig
+import pipeline
 from pipeline.lib.models import ModelSpec
+from pipeline.lib.params import load_params
 from pipeline.lib.teachers import Teacher, train_all
+from pipeline.lib.training import train_config
 from pipeline.lib.transforms import AugParams
 from pipeline.lib.tta import TTASpec
 setup_logging()
 prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
 teacher = Teacher(ModelSpec("resnet10t"), AugParams(affine=0, color=0, blur=0, noise=0, dropout=0),
                   TTASpec(("identity",), 0.875), {"timm test": 1}, {"img_size": 32})
-train_all(prepared, out, teacher, cfg=TrainConfig(epochs=1, batch_size=8, num_workers=0, device="cpu", seed=3))
+params = load_params(Path(pipeline.__file__).resolve().parents[1] / "params.yaml")
+train_all(prepared, out, teacher, cfg=train_config(params["train"], 3, epochs=1, batch_size=8, num_workers=0, device="cpu"))
 print(json.dumps({"timm": timm.__version__, "file": timm.__file__}))
 """
 

@@ -67,7 +67,9 @@ def test_the_ensembles_own_threshold_is_used_and_a_bench_folder_needs_its_labels
     run = fake_run(tmp_path / "run", y, student=p, ensemble=p, threshold=0.60004)
     bench = tmp_path / "plain"
     bench.mkdir()
-    pd.DataFrame({"img_name": [f"cell_{i}.png" for i in range(20)], "prob": p}).to_csv(bench / "test.csv", index=False)
+    # The plain network is scored without TTA: its prob, not its prob_tta.
+    pd.DataFrame({"img_name": [f"cell_{i}.png" for i in range(20)], "prob": p, "prob_tta": 1 - p}).to_csv(
+        bench / "test.csv", index=False)
     with pytest.raises(PipelineError, match="holds no labels"):
         compare.paired(bench, run / "ensemble.csv")
     r = compare.paired(bench, run / "ensemble.csv", prepared=tmp_path / "run/data/prepared")

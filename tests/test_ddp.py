@@ -21,11 +21,10 @@ from pipeline.lib import engine
 from pipeline.lib.checkpoints import load_checkpoint
 from pipeline.lib.common import PipelineError
 from pipeline.lib.dataset import CellDataset, load_cache, split_rows
-from pipeline.lib.engine import TrainConfig
 from pipeline.folds import make_folds
 from pipeline.lib.metrics import binary_metrics
 from pipeline.lib.params import with_overrides
-from helpers import dvc, project_copy, sha256
+from helpers import dvc, project_copy, sha256, train_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -39,7 +38,7 @@ def as_rank(monkeypatch, rank: int, world: int) -> None:
 @pytest.mark.parametrize("n", [64, 67])
 def test_each_epoch_every_image_is_drawn_once_across_ranks(monkeypatch, n):
     ds = CellDataset(np.zeros((n, 8, 8, 3), np.uint8), np.zeros((n, 2), np.float32), transform=None)
-    cfg = TrainConfig(batch_size=8, num_workers=0, device="cpu", seed=3)
+    cfg = train_cfg(batch_size=8, num_workers=0, device="cpu", seed=3)
     orders = {}
     for epoch in (1, 2):
         drawn = []
@@ -59,7 +58,7 @@ def test_each_epoch_every_image_is_drawn_once_across_ranks(monkeypatch, n):
 
 def test_train_batch_size_is_the_global_batch_split_over_the_processes(monkeypatch):
     ds = CellDataset(np.zeros((64, 8, 8, 3), np.uint8), np.zeros((64, 2), np.float32), transform=None)
-    cfg = TrainConfig(batch_size=32, num_workers=0, device="cpu")
+    cfg = train_cfg(batch_size=32, num_workers=0, device="cpu")
     for world in (1, 2, 4):
         as_rank(monkeypatch, 0, world)
         batches = engine.train_loader(ds, cfg, torch.device("cpu"))
@@ -76,7 +75,7 @@ def test_train_batch_size_is_the_global_batch_split_over_the_processes(monkeypat
 
 
 def test_the_process_split_is_resume_only():
-    one, two = (checkpoints.run_fingerprint(TrainConfig(world_size=n, sync_bn=n > 1), checkpoints.fingerprint({"a": 1}, {"b": "c"}))
+    one, two = (checkpoints.run_fingerprint(train_cfg(world_size=n, sync_bn=n > 1), checkpoints.fingerprint({"a": 1}, {"b": "c"}))
                 for n in (1, 2))
     assert one["params"] == two["params"] and not checkpoints.differences(one, two)  # a finished model is reused
     assert checkpoints.resume_only_differences(two, one) == [

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.lib import onnx_io
 from pipeline.lib.dataset import CellDataset, split_rows, targets
-from pipeline.lib.engine import TrainConfig, predict
+from pipeline.lib.engine import InferConfig, predict
 from pipeline.export import int8_verdict
 from pipeline.lib.images import normalize
 from pipeline.lib.checkpoints import load_checkpoint
@@ -26,7 +26,7 @@ def torch_probs(exported, rows: np.ndarray) -> np.ndarray:
     model, ck = load_checkpoint(exported.student / "checkpoint.pt")
     images = exported.prepared.images[rows]
     ds = CellDataset(images, targets(np.zeros(len(rows))), build_transform(False, AugParams(), **ck["data_config"]))
-    return predict(model, ds, TrainConfig(num_workers=0, device="cpu"), torch.device("cpu"))[:, 0]
+    return predict(model, ds, InferConfig(device="cpu"), torch.device("cpu"))[:, 0]
 
 
 def test_onnx_files_are_self_contained_with_a_dynamic_batch(exported_student):

@@ -16,10 +16,11 @@ from pipeline.lib.losses import LabelLoss
 from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.lib.models import create_model
 from pipeline.lib.transforms import AugParams, build_transform
+from helpers import train_cfg
 
 CPU = torch.device("cpu")
-CFG = TrainConfig(epochs=1, batch_size=16, num_workers=0, device="cpu", seed=3, patience=5, warmup_epochs=0,
-                  precision="fp32")
+CFG = train_cfg(epochs=1, batch_size=16, num_workers=0, device="cpu", seed=3, patience=5, warmup_epochs=0,
+                precision="fp32")
 
 
 def cells(n: int = 64, size: int = 32, seed: int = 0):

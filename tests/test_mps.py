@@ -11,6 +11,7 @@ from pipeline.lib import engine
 from pipeline.lib import precision as amp_precision
 from pipeline.lib.common import PipelineError
 from pipeline.lib.params import Params, load_params
+from helpers import train_cfg
 
 MPS = torch.device("mps")
 
@@ -41,7 +42,7 @@ def test_mps_trains_in_fp32_and_refuses_half_precision(mac):
 
 def test_mps_uses_no_pinned_memory_and_no_worker_processes(mac):
     ds = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, 2))
-    cfg = engine.TrainConfig(batch_size=2, num_workers="auto", device="mps")
+    cfg = train_cfg(batch_size=2, num_workers="auto", device="mps")
     for loader in (engine.train_loader(ds, cfg, MPS), engine.loader(ds, cfg, MPS)):
         assert not loader.pin_memory and loader.num_workers == 0
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.lib.dataset import CellDataset, targets
-from pipeline.lib.engine import TrainConfig, predict
+from pipeline.lib.engine import InferConfig, predict
 from pipeline.lib.images import decode
 from pipeline.lib.checkpoints import load_checkpoint
 from pipeline.lib.transforms import AugParams, build_transform
@@ -39,7 +39,7 @@ def pipeline_probs(student: Path, paths: list[Path], size: int, views=("identity
     model, ck = load_checkpoint(student / "checkpoint.pt")
     images = np.stack([decode(p, size)[0] for p in paths])
     ds = CellDataset(images, targets(np.zeros(len(images))), build_transform(False, AugParams(), **ck["data_config"]))
-    return predict(model, ds, TrainConfig(num_workers=0, device="cpu"), torch.device("cpu"), list(views)).mean(1)
+    return predict(model, ds, InferConfig(device="cpu"), torch.device("cpu"), list(views)).mean(1)
 
 
 @pytest.fixture
@@ -196,6 +196,6 @@ def test_cpu_predicts_in_batches_of_at_least_128_and_a_gpu_in_the_training_batch
 
     ds = CellDataset(np.zeros((300, 8, 8, 3), np.uint8), targets(np.zeros(300)), lambda image: {"image": image})
     assert EVAL_BATCH_CPU == 128
-    assert loader(ds, TrainConfig(batch_size=32), torch.device("cpu")).batch_size == 128
-    assert loader(ds, TrainConfig(batch_size=256), torch.device("cpu")).batch_size == 256
-    assert loader(ds, TrainConfig(batch_size=32), torch.device("cuda")).batch_size == 32
+    assert loader(ds, InferConfig(batch_size=32), torch.device("cpu")).batch_size == 128
+    assert loader(ds, InferConfig(batch_size=256), torch.device("cpu")).batch_size == 256
+    assert loader(ds, InferConfig(batch_size=32), torch.device("cuda")).batch_size == 32

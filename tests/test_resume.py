@@ -17,17 +17,16 @@ from pipeline.lib import checkpoints
 from pipeline.lib import engine
 from pipeline.lib.checkpoints import save_checkpoint
 from pipeline.distill import Recipe, distill
-from pipeline.lib.engine import TrainConfig
 from pipeline.folds import make_folds
 from pipeline.lib.models import ModelSpec, create_model
 from pipeline.lib.teachers import Teacher, train_fold
 from pipeline.lib.transforms import AugParams
 from pipeline.lib.tta import TTASpec
-from helpers import sha256, with_value
+from helpers import sha256, train_cfg, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-CFG = TrainConfig(epochs=2, batch_size=32, num_workers=0, device="cpu", seed=5, patience=5)
+CFG = train_cfg(epochs=2, batch_size=32, num_workers=0, device="cpu", seed=5, patience=5)
 
 
 @pytest.mark.parametrize("key,value", [

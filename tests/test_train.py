@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.lib.dataset import CellDataset, load_cache, targets
 from pipeline.download import download
-from pipeline.lib.engine import TrainConfig, fit
+from pipeline.lib.engine import InferConfig, fit
 from pipeline.folds import make_folds
 from pipeline.lib.losses import LabelLoss
 from pipeline.lib.models import ModelSpec, create_model, data_config
@@ -19,6 +19,7 @@ from pipeline.prepare import prepare
 from pipeline.lib.teachers import Teacher, train_fold
 from pipeline.lib.transforms import AugParams, build_transform
 from pipeline.lib.tta import TTASpec
+from helpers import train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def run_fold(prepared, folds_csv, out, cfg, views=("identity",)):
 
 def test_tiny_backbone_learns_real_cells(real64, tmp_path):
     folds_csv = subset_folds(real64, tmp_path / "folds.csv", n_images=1500)
-    cfg = TrainConfig(epochs=5, batch_size=32, lr=2e-3, patience=5, num_workers=1, device="cpu", seed=1)
+    cfg = train_cfg(epochs=5, batch_size=32, lr=2e-3, patience=5, num_workers=1, device="cpu", seed=1)
     best = run_fold(real64, folds_csv, tmp_path / "m", cfg)
     curve = pd.read_csv(tmp_path / "m/live/plots/metrics/train_loss.tsv", sep="\t")["train_loss"].to_numpy()
     assert curve[-1] < curve[0] - 0.1, f"training loss did not fall: {curve}"
@@ -92,7 +93,7 @@ def test_resume_after_interruption_and_skip_when_finished(real64, tmp_path, capl
     index, images = load_cache(real64)
     rows, val = np.arange(64), np.arange(64, 96)
     labels = index["label"].to_numpy(float)
-    cfg = TrainConfig(epochs=3, batch_size=32, num_workers=0, device="cpu", seed=3, patience=10)
+    cfg = train_cfg(epochs=3, batch_size=32, num_workers=0, device="cpu", seed=3, patience=10)
 
     def datasets():
         model = create_model("resnet10t")
@@ -124,7 +125,7 @@ def test_resume_after_interruption_and_skip_when_finished(real64, tmp_path, capl
 
 def test_same_seed_gives_identical_oof(real64, tmp_path):
     folds_csv = subset_folds(real64, tmp_path / "folds.csv", n_images=150)
-    cfg = TrainConfig(epochs=1, batch_size=32, num_workers=1, device="cpu", seed=7)
+    cfg = train_cfg(epochs=1, batch_size=32, num_workers=1, device="cpu", seed=7)
     run_fold(real64, folds_csv, tmp_path / "a", cfg, views=("identity", "hflip"))
     run_fold(real64, folds_csv, tmp_path / "b", cfg, views=("identity", "hflip"))
     a, b = (pd.read_csv(tmp_path / d / "oof.csv") for d in ("a", "b"))
@@ -168,7 +169,7 @@ def test_public_layout_hidden_set_is_predicted_once(download_prepare, tmp_path, 
     """The public layout's hidden set is its test holdout: one pass serves test.csv and hidden.csv."""
     from pipeline.lib.predictions import write_split_predictions
 
-    fake, cfg = FakePredict(monkeypatch), TrainConfig(num_workers=0, device="cpu")
+    fake, cfg = FakePredict(monkeypatch), InferConfig(device="cpu")
     public = download_prepare(Path(__file__).resolve().parents[1] / "data" / "demo.zip", tmp_path / "public")
     out = tmp_path / "out"
     out.mkdir()
@@ -192,8 +193,8 @@ def test_competition_hidden_set_is_predicted_on_its_own(nndl_prepared, tmp_path,
     from pipeline.lib.predictions import write_split_predictions
 
     fake = FakePredict(monkeypatch)
-    tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, TrainConfig(
-        num_workers=0, device="cpu"), TTASpec(), PLAIN)
+    tables = write_split_predictions(None, nndl_prepared.images, nndl_prepared.index, tmp_path, InferConfig(
+        device="cpu"), TTASpec(), PLAIN)
     assert fake.calls == ["test", "hidden"]
     assert set(tables["hidden"]["img_name"]).isdisjoint(tables["test"]["img_name"])
 

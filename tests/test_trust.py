@@ -19,7 +19,6 @@ from pipeline.lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.lib.common import PipelineError
 from pipeline.lib.dataset import CellDataset, targets
 from pipeline.distill import inference_ms
-from pipeline.lib.engine import TrainConfig
 from pipeline.export import export
 from pipeline.lib.losses import LabelLoss
 from pipeline.lib.models import create_model, data_config, read_weights
@@ -30,10 +29,11 @@ from pipeline.lib.training import train_logged
 from pipeline.lib.transforms import AugParams, build_transform
 from pipeline.lib.tta import TTASpec
 from pipeline.lib.weights_only import TRUST_ENV, UntrustedCheckpoint, read_checkpoint
+from helpers import train_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet10t"
-CFG = TrainConfig(epochs=1, batch_size=8, ema_decay=0, select_best=False, num_workers=0, device="cpu")
+CFG = train_cfg(epochs=1, batch_size=8, ema_decay=0, select_best=False, num_workers=0, device="cpu")
 
 
 class WritesMarker:

@@ -216,9 +216,9 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def cfg():
-    from pipeline.lib.engine import TrainConfig
+    from pipeline.lib.engine import InferConfig
 
-    return TrainConfig(batch_size=4, num_workers=0, device="cpu")  # 6 images: a full and a partial batch
+    return InferConfig(batch_size=4, device="cpu")  # 6 images: a full and a partial batch
 
 
 def batch(ds) -> torch.Tensor:

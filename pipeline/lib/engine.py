@@ -34,26 +34,41 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
-    patience: int = 3
+    """How one model trains. Its values come from params.yaml (training.train_config); the schema there owns the
+    defaults, so this has none but the two a stage sets."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    grad_clip: float
+    ema_decay: float
+    patience: int
+    seed: int
+    num_workers: int | str     # auto: 0 on the CPU, the cores (shared between the processes) on a GPU
+    device: str
+    precision: str             # auto | fp32 | bf16 | fp16, resolved per device and backbone by precision.choose
+    mixup: float               # Beta alpha of mixup (0 = off)
+    cutmix: float              # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
+    progressive: float         # progressive resizing: first epoch at this fraction of the side (1 = off)
+    sync_bn: bool              # DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
+    compile: bool | str        # torch.compile the training forward (auto = off; see compiled)
     select_best: bool = True   # keep the best validation epoch; the student keeps its last (no held-out data)
-    seed: int = 0
-    num_workers: int | str = 1  # auto: 0 on the CPU, the cores (shared between the processes) on a GPU
-    device: str = "auto"
-    precision: str = "auto"    # auto | fp32 | bf16 | fp16, resolved per device and backbone by precision.choose
-    mixup: float = 0.0         # Beta alpha of mixup (0 = off)
-    cutmix: float = 0.0        # Beta alpha of CutMix (0 = off); with both on, each takes half the batches
-    progressive: float = 1.0   # progressive resizing: first epoch at this fraction of the side (1 = off)
-    sync_bn: bool = False      # DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
-    compile: bool | str = "auto"  # torch.compile the training forward (auto = off; see compiled)
     world_size: int = 1        # DDP processes (set by the stage); batch_size is the global batch, split over them
+
+    @property
+    def inference(self) -> "InferConfig":
+        """The prediction side of this config: validation and the OOF, test and hidden tables."""
+        return InferConfig(self.batch_size, self.num_workers, self.device)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How to predict: the batch (a CPU raises it to EVAL_BATCH_CPU), the loader workers and the device."""
+    batch_size: int = 64
+    num_workers: int | str = 0
+    device: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,7 +104,7 @@ def setup_device(device: torch.device) -> None:
         torch.set_num_threads(cores())
 
 
-def workers(cfg: TrainConfig, device: torch.device) -> int:
+def workers(cfg: TrainConfig | InferConfig, device: torch.device) -> int:
     """train.num_workers, with auto resolved: on the CPU 0 (a worker fights torch's threads for the same cores;
     docs/results.md, "DataLoader workers"), on a GPU one per core this process may use, at most 8."""
     if cfg.num_workers != "auto":
@@ -129,7 +144,7 @@ def train_loader(ds: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoa
 EVAL_BATCH_CPU = 128  # the smallest prediction batch on a CPU
 
 
-def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, persistent: bool = False) -> DataLoader:
+def loader(ds: Dataset, cfg: InferConfig, device: torch.device, persistent: bool = False) -> DataLoader:
     """In-order batches, for prediction (and validation: `persistent` keeps its workers across epochs)."""
     # Without gradients a CPU predicts faster in bigger batches (fewer, larger matrix products per image); a GPU
     # keeps its process's training batch, known to fit its memory.
@@ -139,14 +154,14 @@ def loader(ds: Dataset, cfg: TrainConfig, device: torch.device, persistent: bool
                       persistent_workers=persistent and n > 0)
 
 
-def eval_loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shard: bool, persistent: bool = False
+def eval_loader(ds: Dataset, cfg: InferConfig, device: torch.device, shard: bool, persistent: bool = False
                 ) -> DataLoader:
     """The prediction loader over `ds`, or under DDP with `shard` over this rank's every world()-th image."""
     return loader(Subset(ds, ddp.shard(len(ds)).tolist()) if shard and ddp.active() else ds, cfg, device, persistent)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device,
+def predict(model: torch.nn.Module, ds: Dataset, cfg: InferConfig, device: torch.device,
             views: list[str] = ("identity",), crop_scale: float = 0.875, desc: str = "predict", shard: bool = False,
             precision: str | None = None, batches: DataLoader | None = None) -> np.ndarray:
     """Parasitized probability per image and view, shape (N, len(views)); views act on whole batches.
@@ -235,7 +250,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
         if ddp.active() else model
     net = compiled(net, cfg.compile, device)
     # Built once: a GPU's validation workers start once per fit, not once per epoch.
-    val_batches = None if val_ds is None else eval_loader(val_ds, cfg, device, shard=True, persistent=True)
+    val_batches = None if val_ds is None else eval_loader(val_ds, cfg.inference, device, shard=True, persistent=True)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         model.train()
         batches.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentation seeds
@@ -268,7 +283,7 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
                    "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
         ddp.broadcast_buffers(ema.module)  # every rank validates (and rank 0 saves) the same model
         if val_ds is not None:
-            p = predict(ema.module, val_ds, cfg, device, desc="validate", shard=True, batches=val_batches)[:, 0]
+            p = predict(ema.module, val_ds, cfg.inference, device, desc="validate", shard=True, batches=val_batches)[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})
         improved = ddp.broadcast(state["best"] is None or not cfg.select_best or _better(metrics, state["best"]))
         log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),

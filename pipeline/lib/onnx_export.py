@@ -31,4 +31,18 @@ def to_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
         torch.onnx.export(_Probability(model).eval(), (example,), str(tmp), dynamo=True, external_data=False,
                           input_names=["image"], output_names=["prob"], verbose=False,
                           dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+        proto = onnx.load(str(tmp))
+        _drop_source_records(proto.graph)
+        onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
+
+
+def _drop_source_records(graph) -> None:
+    """Clear what the exporter records of the Python source per node (stack traces, module paths, file names): the
+    same model exported from two checkouts then gives the same bytes."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                _drop_source_records(sub)

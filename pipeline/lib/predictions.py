@@ -12,7 +12,7 @@ from pipeline.lib import distributed as ddp
 from pipeline.lib.checkpoints import load_checkpoint
 from pipeline.lib.common import PipelineError, written_whole
 from pipeline.lib.dataset import CellDataset, split_rows, targets
-from pipeline.lib.engine import TrainConfig, predict, resolve_device
+from pipeline.lib.engine import InferConfig, predict, resolve_device
 from pipeline.lib.layout import prediction_dirs
 from pipeline.lib.transforms import AugParams, build_transform
 from pipeline.lib.tta import TTASpec
@@ -25,7 +25,7 @@ def eval_dataset(images: np.ndarray, norm: dict) -> CellDataset:
 
 
 def backbone_probs(models_dir: Path, backbone: str, refit: bool, images: np.ndarray, tta: TTASpec,
-                   cfg: TrainConfig) -> np.ndarray:
+                   cfg: InferConfig) -> np.ndarray:
     """One backbone's p(parasitized) per image: the mean over its views (tta) of each of its models (prediction_dirs),
     averaged over the models, as the ensemble stage averages their CSVs."""
     files = [d / "checkpoint.pt" for d in prediction_dirs(models_dir, backbone, refit)]
@@ -45,7 +45,7 @@ def backbone_probs(models_dir: Path, backbone: str, refit: bool, images: np.ndar
 
 
 def write_predictions(model: torch.nn.Module, images: np.ndarray, index: pd.DataFrame, rows: np.ndarray,
-                      out_csv: Path, cfg: TrainConfig, tta: TTASpec, norm: dict) -> pd.DataFrame:
+                      out_csv: Path, cfg: InferConfig, tta: TTASpec, norm: dict) -> pd.DataFrame:
     """Write and return img_name, prob (plain) and prob_tta (mean over the TTA views) for the given cache rows.
 
     Under DDP every rank predicts a shard and gets the whole table; rank 0 writes it."""
@@ -65,7 +65,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_split_predictions(model: torch.nn.Module, images: np.ndarray, index: pd.DataFrame, out: Path,
-                            cfg: TrainConfig, tta: TTASpec, norm: dict, splits=("test", "hidden")
+                            cfg: InferConfig, tta: TTASpec, norm: dict, splits=("test", "hidden")
                             ) -> dict[str, pd.DataFrame]:
     """write_predictions for each split into out/<split>.csv; a split holding the same images as an earlier one (the
     public layout's hidden set is its test holdout) reuses that table instead of predicting them again."""

@@ -158,6 +158,6 @@ def train_model(spec: ModelSpec, images: np.ndarray, index: pd.DataFrame, rows: 
                                None if val_rows is None else labels[val_rows].astype(int), loss_fn, cfg, out, record,
                                fingerprint, name=name or spec.backbone)
     tables = {} if val_rows is None else {
-        "oof": write_predictions(model, images, index, val_rows, out / "oof.csv", cfg, tta, norm)}
-    tables.update(write_split_predictions(model, images, index, out, cfg, tta, norm))
+        "oof": write_predictions(model, images, index, val_rows, out / "oof.csv", cfg.inference, tta, norm)}
+    tables.update(write_split_predictions(model, images, index, out, cfg.inference, tta, norm))
     return best, model, tables

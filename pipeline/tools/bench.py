@@ -200,7 +200,7 @@ def main() -> None:
         with open(args.out / "compile.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         return
-    cfg = TrainConfig(batch_size=t["batch_size"], num_workers=workers, device=t["device"])
+    cfg = train_config(t, 0, num_workers=workers)
     bench_train(args.prepared, args.raw, backbone=backbone, cfg=cfg,
                 aug=AugParams(**params["augment"]), n_batches=args.batches, precision_list=args.precision)
 

@@ -32,7 +32,7 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
     """(probability by cell, threshold, label by cell) on the labelled test cells for one of:
     a run's submission file (<project>/submissions/latest/<model>.csv: that model's test predictions and its
     leaderboard threshold); a predictions CSV (img_name, prob: bench ablate's rows); a folder with test.csv (bench
-    plain, data/student); an ablation run (fold*/test.csv: the folds' mean prob_tta). Labels come from the run's
+    plain, data/student: its `prob`, without TTA); an ablation run (fold*/test.csv: the folds' mean prob_tta). Labels come from the run's
     data/prepared, else `prepared`."""
     spec = Path(spec)
     if spec.suffix == ".csv" and spec.parent.name == "latest":
@@ -56,9 +56,8 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
             raise PipelineError(f"{spec} has columns {', '.join(t.columns)}, not img_name and prob: name a run's "
                                 "submissions/latest/<model>.csv or a bench row's predictions/<name>.csv.")
         prob = t["prob"]
-    elif (spec / "test.csv").is_file():
-        t = _read(spec / "test.csv")
-        prob = t["prob_tta"] if "prob_tta" in t else t["prob"]
+    elif (spec / "test.csv").is_file():  # the model without TTA, as `bench plain` scores the plain network
+        prob = _read(spec / "test.csv")["prob"]
     elif folds := fold_dirs(spec, "test.csv"):
         prob = pd.concat([_read(d / "test.csv")["prob_tta"] for d in folds], axis=1).mean(axis=1)
     else:

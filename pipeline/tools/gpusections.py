@@ -116,8 +116,10 @@ def train(check: Check, out: Path, precision: str, live: Recorder, **options) ->
     model = create_model(BACKBONE, drop_rate=0.1)
     norm, aug = data_config(model), AugParams(affine=0, color=0, blur=0, noise=0, dropout=0)
     tr, va = check.split()
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.003, ema_decay=0.0, seed=1, device=check.device.type,
-                      precision=precision, num_workers="auto", patience=5, **options)
+    cfg = TrainConfig(**{**dict(epochs=2, batch_size=64, lr=0.003, weight_decay=0.05, warmup_epochs=1.0,
+                                label_smoothing=0.05, grad_clip=1.0, ema_decay=0.0, patience=5, seed=1,
+                                num_workers="auto", device=check.device.type, precision=precision, mixup=0.0,
+                                cutmix=0.0, progressive=1.0, sync_bn=False, compile="auto"), **options})
     seen = {}
 
     def probe(module, inputs) -> None:  # the first training batch as the model gets it
