@@ -188,7 +188,8 @@ prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
 teacher = Teacher(ModelSpec("resnet10t"), AugParams(affine=0, color=0, blur=0, noise=0, dropout=0),
                   TTASpec(("identity",), 0.875), {"timm test": 1}, {"img_size": 32})
 params = load_params(Path(pipeline.__file__).resolve().parents[1] / "params.yaml")
-train_all(prepared, out, teacher, cfg=train_config(params["train"], 3, epochs=1, batch_size=8, num_workers=0, device="cpu"))
+cfg = train_config(params["train"], 3, epochs=1, batch_size=8, num_workers=0, device="cpu")
+train_all(prepared, out, teacher, cfg=cfg)
 print(json.dumps({"timm": timm.__version__, "file": timm.__file__}))
 """
 

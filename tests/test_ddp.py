@@ -75,7 +75,8 @@ def test_train_batch_size_is_the_global_batch_split_over_the_processes(monkeypat
 
 
 def test_the_process_split_is_resume_only():
-    one, two = (checkpoints.run_fingerprint(train_cfg(world_size=n, sync_bn=n > 1), checkpoints.fingerprint({"a": 1}, {"b": "c"}))
+    one, two = (checkpoints.run_fingerprint(train_cfg(world_size=n, sync_bn=n > 1),
+                                            checkpoints.fingerprint({"a": 1}, {"b": "c"}))
                 for n in (1, 2))
     assert one["params"] == two["params"] and not checkpoints.differences(one, two)  # a finished model is reused
     assert checkpoints.resume_only_differences(two, one) == [

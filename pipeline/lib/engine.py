@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one model trains. Its values come from params.yaml (training.train_config); the schema there owns the
-    defaults, so this has none but the two a stage sets."""
+    """How one model trains. Its values come from params.yaml, which holds every default (training.train_config);
+    it has none of its own but the two a stage sets."""
     epochs: int
     batch_size: int
     lr: float
@@ -283,7 +283,8 @@ def fit(model: torch.nn.Module, train_ds: CellDataset, val_ds: Dataset | None, v
                    "images_per_s": seen / (time.perf_counter() - t0), "train_size": size}
         ddp.broadcast_buffers(ema.module)  # every rank validates (and rank 0 saves) the same model
         if val_ds is not None:
-            p = predict(ema.module, val_ds, cfg.inference, device, desc="validate", shard=True, batches=val_batches)[:, 0]
+            p = predict(ema.module, val_ds, cfg.inference, device, desc="validate", shard=True,
+                        batches=val_batches)[:, 0]
             metrics.update({f"val_{k}": v for k, v in binary_metrics(val_labels, p).items()})
         improved = ddp.broadcast(state["best"] is None or not cfg.select_best or _better(metrics, state["best"]))
         log.info("epoch %d/%d %s%s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),

@@ -32,8 +32,8 @@ def test_predictions(spec: Path, prepared: Path | None = None) -> tuple[pd.Serie
     """(probability by cell, threshold, label by cell) on the labelled test cells for one of:
     a run's submission file (<project>/submissions/latest/<model>.csv: that model's test predictions and its
     leaderboard threshold); a predictions CSV (img_name, prob: bench ablate's rows); a folder with test.csv (bench
-    plain, data/student: its `prob`, without TTA); an ablation run (fold*/test.csv: the folds' mean prob_tta). Labels come from the run's
-    data/prepared, else `prepared`."""
+    plain, data/student: its `prob`, without TTA); an ablation run (fold*/test.csv: the folds' mean prob_tta). Labels
+    come from the run's data/prepared, else `prepared`."""
     spec = Path(spec)
     if spec.suffix == ".csv" and spec.parent.name == "latest":
         project, model = spec.parents[2], spec.stem
